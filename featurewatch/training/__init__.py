@@ -1,0 +1,1 @@
+"""Training SAEs on a model's activations: harvest, train, evaluate."""
