@@ -1,0 +1,1 @@
+"""Detector packs shipped with featurewatch (installed as ``featurewatch.detectors``)."""

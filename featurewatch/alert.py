@@ -1,0 +1,64 @@
+"""Plain records that leave the monitor: alerts and run results.
+
+These are the objects sinks (callbacks, logs, metrics, LangChain) receive, so
+they are pydantic models that serialise to the JSON shapes in DESIGN.md §4.2.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Phase = Literal["prompt", "completion"]
+Action = Literal["alert", "suppress", "block"]
+Severity = Literal["info", "warning", "critical"]
+Outcome = Literal["completed", "blocked", "error"]
+
+
+class FeatureEvidence(BaseModel):
+    """One feature's part in an alert: its mean activation over the span and its share of the score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    feature: int
+    label: str | None = None
+    activation: float
+    contribution: float
+
+
+class Alert(BaseModel):
+    """A detector whose pooled score crossed its threshold in a run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    detector: str
+    phase: Phase
+    score: float
+    threshold: float
+    action: Action = "alert"
+    severity: Severity = "warning"
+    run_id: str
+    model_name: str = ""
+    span: tuple[int, int] = Field(description="token positions [start, end) that drove the alert")
+    text: str | None = Field(default=None, description="the span's text; None when text capture is off")
+    evidence: list[FeatureEvidence] = Field(default_factory=list)
+    started_at: float = Field(description="unix time the run started")
+    fired_at: float = Field(description="unix time the alert fired")
+
+
+class RunResult(BaseModel):
+    """What one monitored run (a generation, or one scored record) ends with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    model_name: str = ""
+    outcome: Outcome = "completed"
+    scores: dict[str, float] = Field(default_factory=dict, description="pooled score per detector")
+    phase_scores: dict[str, dict[str, float]] = Field(default_factory=dict)
+    alerts: list[Alert] = Field(default_factory=list)
+    n_tokens: int = 0
+    degraded: bool = Field(default=False, description="a monitoring fault happened (fail-open)")
+    started_at: float = 0.0
+    ended_at: float = 0.0

@@ -1,0 +1,1 @@
+"""Finding features and fitting detectors from labelled records."""

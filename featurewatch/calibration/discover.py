@@ -1,0 +1,57 @@
+"""Ranking SAE features that separate two sets of records (cf. Goodfire's ``features.contrast``).
+
+For each feature: AUROC of its pooled activation (positives vs negatives),
+a standardised effect size (Cohen's d), and how often it fires in each set.
+Top contexts from the pack's feature statistics help put a label on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hooks import excluded_positions, forward_until
+from ..records import load_records, pad_right, render
+from ..sae import SparseAutoencoder
+from ..training.evaluate import context_snippet
+from .fit import feature_aurocs
+
+
+def contrast(pos: np.ndarray, neg: np.ndarray, top: int = 20) -> list[dict[str, Any]]:
+    """Rank features (columns of pooled activations) that are more active in ``pos`` than ``neg``."""
+    X = np.concatenate([pos, neg])
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    au = feature_aurocs(X, y)
+    pooled_sd = np.sqrt((pos.var(0) + neg.var(0)) / 2) + 1e-6
+    d = (pos.mean(0) - neg.mean(0)) / pooled_sd
+    order = np.argsort(-(au - 0.5))[:top]
+    return [{"feature": int(i), "auroc": round(float(au[i]), 4), "effect_size": round(float(d[i]), 3),
+             "fires_pos": round(float((pos[:, i] > 0).mean()), 3),
+             "fires_neg": round(float((neg[:, i] > 0).mean()), 3),
+             "mean_pos": round(float(pos[:, i].mean()), 4), "mean_neg": round(float(neg[:, i].mean()), 4)}
+            for i in order]
+
+
+@torch.inference_mode()
+def top_contexts(model: Any, tokenizer: Any, sae: SparseAutoencoder, hookpoint: str, corpus: str, feature: int,
+                 *, n_records: int = 400, n: int = 8, progress: Any = None) -> list[dict[str, Any]]:
+    """The ``n`` strongest activations of ``feature`` in the first ``n_records`` records of ``corpus``."""
+    records = load_records(corpus)[:n_records]
+    best: list[tuple[float, str]] = []
+    bar = progress(total=len(records), desc="inspect", unit="rec") if progress else None
+    for s in range(0, len(records), 16):
+        rows = [render(r, tokenizer, max_tokens=256).ids for r in records[s:s + 16]]
+        ids, mask = pad_right(rows, tokenizer.pad_token_id)
+        acts = forward_until(model, ids, mask, [hookpoint])[hookpoint]
+        f = sae.encode_subset(acts, [feature])[..., 0]
+        f[excluded_positions(ids, mask, tokenizer.all_special_ids)] = 0
+        for r, p in zip(*torch.nonzero(f > 0, as_tuple=True)):
+            best.append((float(f[r, p]), context_snippet(tokenizer, rows[int(r)], int(p))))
+        best = sorted(best, key=lambda t: -t[0])[:n]
+        if bar:
+            bar.update(len(rows))
+    if bar:
+        bar.close()
+    return [{"activation": round(v, 3), "context": c} for v, c in best]

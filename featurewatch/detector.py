@@ -1,0 +1,125 @@
+"""Detector specs: what a detector reads, how it scores and pools, when it fires.
+
+A detector maps each token to a score — ``bias + Σ wᵢ·aᵢ`` over a few SAE
+features (kind ``sae``) or ``bias + w·x`` over the raw residual (kind
+``probe``) — pools the scores over the tokens of the phases it watches, and
+fires when the pooled score crosses its threshold. Scores are in logit units
+when the detector was calibrated by logistic regression.
+
+Specs are pydantic models serialised as JSON, one file per detector in a pack
+(DESIGN.md §4.3). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .alert import Action, Phase, Severity
+
+DETECTOR_NAME = r"^[a-z][a-z0-9-]{0,62}$"
+
+
+class FeatureWeight(BaseModel):
+    """One SAE feature in a readout, with its weight and human label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=0, description="feature index in the SAE")
+    weight: float = Field(description="weight of the feature's activation in the per-token score")
+    label: str | None = Field(default=None, description="what the feature responds to")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("weight must be finite")
+        return v
+
+
+class Pooling(BaseModel):
+    """How per-token scores become one score per run and phase."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mean", "max", "ewma"] = Field(default="mean", description=(
+        "mean: running mean of token scores; max: the highest token score; "
+        "ewma: the highest value of an exponentially weighted moving average"))
+    alpha: float = Field(default=0.2, gt=0, le=1, description="EWMA weight of the newest token")
+    min_tokens: int = Field(default=4, ge=1, description=(
+        "tokens a phase must have before the pooled score can fire (a mean over 1 token is noise)"))
+
+
+class Calibration(BaseModel):
+    """Where a detector's weights and threshold came from, and how good they measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: list[str] = Field(description="files (and sources) the detector was fitted and measured on")
+    target_fpr: float = Field(ge=0, le=1)
+    auroc: float | None = Field(default=None, description="AUROC on the held-out part of the data")
+    tpr_at_fpr: float | None = Field(default=None, description="true-positive rate at the threshold")
+    fpr: float | None = Field(default=None, description="measured false-positive rate at the threshold")
+    n_pos: int | None = None
+    n_neg: int | None = None
+    held_out: str | None = Field(default=None, description="how the measuring split was made")
+    date: str
+    notes: str | None = None
+
+
+class DetectorSpec(BaseModel):
+    """A named rule from feature (or raw) activations to alerts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=DETECTOR_NAME, description="lower-case, dashes; used as a metric label")
+    description: str
+    kind: Literal["sae", "probe"] = "sae"
+    hookpoint: str = Field(description="e.g. layers.15")
+    features: list[FeatureWeight] = Field(default_factory=list, description="kind sae: the readout, ≤ 64")
+    probe_weights: str | None = Field(default=None, description=(
+        "kind probe: safetensors file (relative to the spec) with 'weight' (d_model,)"))
+    bias: float = 0.0
+    pooling: Pooling = Pooling()
+    threshold: float
+    hysteresis: float = Field(default=0.0, ge=0, description=(
+        "after firing, the pooled score must fall below threshold − hysteresis to re-arm"))
+    cooldown_tokens: int = Field(default=0, ge=0, description="tokens after an alert before it may fire again")
+    phases: list[Phase] = Field(default_factory=lambda: ["prompt", "completion"], min_length=1)
+    action: Action = "alert"
+    severity: Severity = "warning"
+    calibration: Calibration | None = None
+
+    @field_validator("threshold", "bias")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "DetectorSpec":
+        if self.kind == "sae":
+            if not self.features:
+                raise ValueError("an sae detector needs at least one entry in 'features'")
+            if len(self.features) > 64:
+                raise ValueError(f"an sae detector reads at most 64 features, got {len(self.features)}")
+            ids = [f.id for f in self.features]
+            if len(set(ids)) != len(ids):
+                raise ValueError("feature ids in 'features' must be unique")
+            if self.probe_weights:
+                raise ValueError("'probe_weights' is for kind 'probe' only")
+        elif not self.probe_weights:
+            raise ValueError("a probe detector needs 'probe_weights' (a safetensors file)")
+        if len(set(self.phases)) != len(self.phases):
+            raise ValueError("'phases' must not repeat a phase")
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as indented JSON."""
+        p = Path(path)
+        p.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+        return p

@@ -1,0 +1,1 @@
+"""Optional framework integrations (imported lazily)."""

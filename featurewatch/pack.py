@@ -1,0 +1,208 @@
+"""Packs: versioned bundles of SAEs, feature labels and calibrated detectors for one model.
+
+Layout (DESIGN.md §4.3)::
+
+    <pack>/pack.json          manifest: model, hookpoints → SAE dirs, version, provenance
+    <pack>/sae/<hookpoint>/   SAELens layout
+    <pack>/features.json      per hookpoint: per-feature label, max activation, density, contexts
+    <pack>/<detector>.json    one DetectorSpec each
+
+Packs shipped with featurewatch live in the ``featurewatch.detectors`` package
+data (the repository's top-level ``detectors/``). Everything is validated at
+load so a bad pack fails before it touches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .detector import DetectorSpec
+from .errors import ConfigError, FeatureOutOfRange, SAEFormatError
+from .models import normalize_hookpoint
+from .sae import SparseAutoencoder
+
+DEFAULT_PACK = "smollm2-135m-instruct"
+_RESERVED = {"pack.json", "features.json"}
+
+
+class PackManifest(BaseModel):
+    """``pack.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    model: str = Field(description="model the pack was made for (id or name)")
+    hookpoints: dict[str, str] = Field(description="hookpoint → SAE directory relative to the pack")
+    default_detectors: list[str] | None = Field(default=None, description=(
+        "detectors a monitor loads when none are named (default: all)"))
+    description: str = ""
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureInfo(BaseModel):
+    """Statistics and label of one SAE feature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int
+    label: str | None = None
+    max_activation: float = 0.0
+    density: float = 0.0
+    top_contexts: list[str] = Field(default_factory=list)
+
+
+@dataclass
+class Pack:
+    """A loaded pack."""
+
+    path: Path
+    manifest: PackManifest
+    saes: dict[str, SparseAutoencoder]
+    detectors: dict[str, DetectorSpec]
+    features: dict[str, dict[int, FeatureInfo]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def select(self, names: list[str] | None) -> list[DetectorSpec]:
+        """Detectors by name (the pack's defaults when ``None``), or say which exist."""
+        if names is None:
+            names = self.manifest.default_detectors or sorted(self.detectors)
+        unknown = [n for n in names if n not in self.detectors]
+        if unknown:
+            raise ConfigError(f"pack {self.name!r} has no detector {', '.join(map(repr, unknown))}; "
+                              f"valid: {', '.join(sorted(self.detectors))}")
+        return [self.detectors[n] for n in names]
+
+    def label(self, hookpoint: str, feature: int) -> str | None:
+        info = self.features.get(hookpoint, {}).get(feature)
+        return info.label if info else None
+
+    def max_activation(self, hookpoint: str, feature: int) -> float | None:
+        info = self.features.get(hookpoint, {}).get(feature)
+        return info.max_activation if info and info.max_activation > 0 else None
+
+    def probe_weight(self, spec: DetectorSpec) -> torch.Tensor:
+        """The ``(d_model,)`` weight of a probe detector."""
+        return _load_probe(self.path / str(spec.probe_weights), self.saes[spec.hookpoint].d_in
+                           if spec.hookpoint in self.saes else None)
+
+
+def shipped_packs_dir() -> Path:
+    return Path(str(resources.files("featurewatch.detectors")))
+
+
+def list_packs() -> list[str]:
+    """Names of the packs shipped with featurewatch."""
+    root = shipped_packs_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "pack.json").is_file())
+
+
+def resolve_pack_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if (p / "pack.json").is_file():
+        return p
+    shipped = shipped_packs_dir() / str(name_or_path)
+    if (shipped / "pack.json").is_file():
+        return shipped
+    raise ConfigError(f"no pack {str(name_or_path)!r}: not a directory with pack.json, nor a shipped pack; "
+                      f"shipped packs: {', '.join(list_packs()) or 'none'}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _validation_message(path: Path, exc: ValidationError) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_spec(path: str | Path) -> DetectorSpec:
+    """Read and validate one detector spec file."""
+    p = Path(path)
+    try:
+        return DetectorSpec.model_validate(_read_json(p))
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(p, exc)) from None
+
+
+def _load_probe(path: Path, d_in: int | None) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    try:
+        weight = load_file(str(path))["weight"].float()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"probe weights {path} are missing") from exc
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise SAEFormatError(f"cannot read probe weights {path}: {exc}") from exc
+    if weight.ndim != 1 or (d_in is not None and weight.shape[0] != d_in):
+        raise ConfigError(f"{path}: 'weight' has shape {tuple(weight.shape)}, expected ({d_in},)")
+    if not torch.isfinite(weight).all():
+        raise SAEFormatError(f"{path}: 'weight' holds non-finite values")
+    return weight
+
+
+def load_pack(name_or_path: str | Path = DEFAULT_PACK) -> Pack:
+    """Load and validate a pack by shipped name or path."""
+    root = resolve_pack_path(name_or_path)
+    try:
+        manifest = PackManifest.model_validate(_read_json(root / "pack.json"))
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(root / "pack.json", exc)) from None
+    saes: dict[str, SparseAutoencoder] = {}
+    for hookpoint, rel in manifest.hookpoints.items():
+        saes[normalize_hookpoint(hookpoint)] = SparseAutoencoder.load(root / rel)
+    features: dict[str, dict[int, FeatureInfo]] = {}
+    if (root / "features.json").is_file():
+        raw = _read_json(root / "features.json")
+        try:
+            for hookpoint, rows in raw.items():
+                features[normalize_hookpoint(hookpoint)] = {
+                    r["id"]: FeatureInfo.model_validate(r) for r in rows}
+        except (ValidationError, AttributeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{root / 'features.json'}: expected {{hookpoint: [feature objects]}} ({exc})") from None
+    detectors: dict[str, DetectorSpec] = {}
+    for spec_path in sorted(root.glob("*.json")):
+        if spec_path.name in _RESERVED:
+            continue
+        spec = load_spec(spec_path)
+        _check_spec(spec, spec_path, saes, root)
+        if spec.name in detectors:
+            raise ConfigError(f"{spec_path}: detector name {spec.name!r} is used twice in the pack")
+        detectors[spec.name] = spec
+    pack = Pack(root, manifest, saes, detectors, features)
+    pack.select(manifest.default_detectors)  # names in default_detectors must exist
+    return pack
+
+
+def _check_spec(spec: DetectorSpec, path: Path, saes: dict[str, SparseAutoencoder], root: Path) -> None:
+    hookpoint = normalize_hookpoint(spec.hookpoint)
+    if spec.kind == "sae":
+        if hookpoint not in saes:
+            raise ConfigError(f"{path}: hookpoint {spec.hookpoint!r} has no SAE in this pack; "
+                              f"valid: {', '.join(saes) or 'none'}")
+        d_sae = saes[hookpoint].d_sae
+        for f in spec.features:
+            if f.id >= d_sae:
+                raise FeatureOutOfRange(f"{path}: feature {f.id} is out of range; the SAE at {hookpoint} "
+                                        f"has features 0 … {d_sae - 1}")
+    else:
+        _load_probe(root / str(spec.probe_weights), saes[hookpoint].d_in if hookpoint in saes else None)
+    if not math.isfinite(spec.threshold):
+        raise ConfigError(f"{path}: threshold must be finite")

@@ -1,0 +1,71 @@
+"""Pooling per-token scores into run scores, with hysteresis and cooldown.
+
+One :class:`PhasePool` per (run, detector, phase). It is fed token scores in
+order and says when the pooled score crosses the threshold. The same code
+pools live generation and offline scoring, so ``score`` and ``run`` agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .detector import Pooling
+
+
+class PhasePool:
+    """Running pooled score of one detector over one phase of one run."""
+
+    __slots__ = ("method", "alpha", "min_tokens", "threshold", "hysteresis", "cooldown",
+                 "n", "total", "peak", "peak_pos", "ewma", "first_pos", "armed", "last_fire")
+
+    def __init__(self, pooling: Pooling, threshold: float, hysteresis: float = 0.0, cooldown: int = 0) -> None:
+        self.method, self.alpha, self.min_tokens = pooling.method, pooling.alpha, pooling.min_tokens
+        self.threshold, self.hysteresis, self.cooldown = threshold, hysteresis, cooldown
+        self.n = 0
+        self.total = 0.0
+        self.peak = -math.inf
+        self.peak_pos = -1
+        self.ewma = 0.0
+        self.first_pos = -1
+        self.armed = True
+        self.last_fire: int | None = None
+
+    @property
+    def value(self) -> float:
+        """The pooled score so far (``nan`` before any token)."""
+        if self.n == 0:
+            return math.nan
+        if self.method == "mean":
+            return self.total / self.n
+        return self.peak
+
+    def update(self, score: float, position: int) -> bool:
+        """Add one token's score; return True when this token makes the detector fire."""
+        if self.n == 0:
+            self.first_pos = position
+            self.ewma = score
+        else:
+            self.ewma = self.alpha * score + (1 - self.alpha) * self.ewma
+        self.n += 1
+        self.total += score
+        current = self.ewma if self.method == "ewma" else score
+        if current > self.peak:
+            self.peak, self.peak_pos = current, position
+        pooled = self.value
+        if not self.armed:
+            if pooled < self.threshold - self.hysteresis:
+                self.armed = True
+            return False
+        if self.n < self.min_tokens or pooled < self.threshold:
+            return False
+        if self.last_fire is not None and position - self.last_fire < self.cooldown:
+            return False
+        self.armed = False
+        self.last_fire = position
+        return True
+
+    def span(self, position: int) -> tuple[int, int]:
+        """Token positions ``[start, end)`` that drove a firing at ``position``."""
+        if self.method == "max":
+            return (self.peak_pos, self.peak_pos + 1)
+        return (self.first_pos, position + 1)
