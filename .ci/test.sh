@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up everything the tests need (venv, model, Prometheus + Alertmanager) and run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup.sh
+bash .ci/install-servers.sh
+exec .venv/bin/python -m pytest "$@"
