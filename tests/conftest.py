@@ -1,0 +1,201 @@
+"""Shared fixtures: a tiny in-process Llama, hand-set SAEs, and the real embedded model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from featurewatch.alert import Alert, RunResult
+
+from featurewatch.sae import SparseAutoencoder
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_sae(d_in: int = 4, d_sae: int = 6, *, architecture: str = "standard", seed: int = 0,
+              **kwargs: Any) -> SparseAutoencoder:
+    """A small random SAE with overridable pieces (weights given in kwargs win)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = {
+        "W_enc": torch.randn(d_in, d_sae, generator=g),
+        "W_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "b_dec": torch.randn(d_in, generator=g) * 0.1,
+    }
+    for key in list(parts):
+        if key in kwargs:
+            parts[key] = kwargs.pop(key)
+    if architecture == "jumprelu":
+        kwargs.setdefault("threshold", torch.full((d_sae,), 0.3))
+    if architecture == "topk":
+        kwargs.setdefault("k", 2)
+    return SparseAutoencoder(parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
+                             architecture=architecture, **kwargs)
+
+
+class TinyTokenizer:
+    """Just enough tokenizer for the monitor's hot path on the tiny model (ids are characters)."""
+
+    all_special_ids = [0, 1]
+    pad_token_id = 0
+    eos_token_id = 1
+    chat_template = None
+    padding_side = "right"
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + (i - 3) % 26) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+    def encode(self, text: str) -> list[int]:
+        return [2] + [3 + (ord(c) - ord("a")) % 26 for c in text.lower() if c.isalpha()]
+
+    def __call__(self, texts: list[str], return_tensors: str = "pt", padding: bool = True,
+                 add_special_tokens: bool = True) -> Any:
+        from transformers import BatchEncoding
+
+        rows = [self.encode(t) for t in texts]
+        width = max(len(r) for r in rows)
+        left = self.padding_side == "left"
+        ids = [([0] * (width - len(r)) + r) if left else (r + [0] * (width - len(r))) for r in rows]
+        mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
+                for r in rows]
+        return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Any:
+    """A 3-layer, width-16 Llama built in-process: hook mechanics without downloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture()
+def tiny_tokenizer() -> TinyTokenizer:
+    return TinyTokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Any:
+    """The real embedded SmolLM2-135M-Instruct (loaded once per test session)."""
+    from featurewatch.models import load_model
+
+    return load_model()
+
+
+# --- observability: fresh registries, free ports, sink-event builders, the Prometheus tools ---
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    """A fresh metrics registry, so no test sees another's series."""
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def require_tool() -> Callable[[str], str]:
+    """Return a function giving a tool's path; skip when it is absent, but fail under CI=true.
+
+    CI installs the tools (.ci/install-servers.sh), so a missing one there is a
+    broken setup, not a reason to skip.
+    """
+
+    def find(name: str) -> str:
+        path = shutil.which(name)
+        if path is None:
+            reason = f"{name} is not installed (run .ci/install-servers.sh)"
+            if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+                pytest.fail(f"{reason}; CI must run this test")
+            pytest.skip(reason)
+        return path
+
+    return find
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Return a function giving a TCP port on 127.0.0.1 that was free a moment ago."""
+
+    def pick() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    return pick
+
+
+@dataclass(frozen=True)
+class FakeDetector:
+    """What a sink sees of a detector at attach time (sinks.DetectorInfo)."""
+
+    name: str
+    threshold: float = 1.5
+    action: str = "alert"
+    severity: str = "warning"
+    phases: tuple[str, ...] = ("prompt", "completion")
+
+
+@pytest.fixture
+def make_detector() -> Callable[..., FakeDetector]:
+    """Build a detector as sinks see it; every field overridable."""
+    return FakeDetector
+
+
+@pytest.fixture
+def make_alert() -> Callable[..., Alert]:
+    """Build an :class:`Alert` with overridable defaults."""
+
+    def build(**kw: Any) -> Alert:
+        fields: dict[str, Any] = dict(detector="scam-email", phase="prompt", score=3.1, threshold=1.5,
+                                      run_id="run-1", model_name="tiny", span=(2, 9), started_at=1000.0,
+                                      fired_at=1000.5)
+        fields.update(kw)
+        return Alert(**fields)
+
+    return build
+
+
+@pytest.fixture
+def make_result() -> Callable[..., RunResult]:
+    """Build a :class:`RunResult` with overridable defaults."""
+
+    def build(**kw: Any) -> RunResult:
+        fields: dict[str, Any] = dict(run_id="run-1", model_name="tiny", scores={"scam-email": 0.2},
+                                      n_tokens=12, started_at=1000.0, ended_at=1001.0)
+        fields.update(kw)
+        return RunResult(**fields)
+
+    return build
+
+
+def make_pack(root: Any, *, d_in: int = 576, d_sae: int = 64, hookpoint: str = "layers.3",
+              detectors: list[dict] | None = None, seed: int = 0) -> Any:
+    """Write a small valid pack (random SAE + one detector) and return its path."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    sae = build_sae(d_in, d_sae, architecture="jumprelu", seed=seed, threshold=torch.full((d_sae,), 0.1),
+                    hook_name=hookpoint)
+    sae.save(root / "sae" / hookpoint)
+    (root / "pack.json").write_text(json.dumps({
+        "name": "test-pack", "version": "0.0.1", "model": "SmolLM2-135M-Instruct",
+        "hookpoints": {hookpoint: f"sae/{hookpoint}"}}))
+    for spec in detectors if detectors is not None else [{
+            "name": "demo", "description": "test detector", "kind": "sae", "hookpoint": hookpoint,
+            "features": [{"id": 1, "weight": 1.0, "label": "one"}, {"id": 2, "weight": -0.5}],
+            "threshold": 0.0, "phases": ["prompt", "completion"]}]:
+        (root / f"{spec['name']}.json").write_text(json.dumps(spec))
+    return root

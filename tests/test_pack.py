@@ -1,0 +1,70 @@
+"""Packs and detector specs are validated at load, with errors that name the file and field."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_pack
+from featurewatch.errors import ConfigError, FeatureOutOfRange
+from featurewatch.pack import list_packs, load_pack, load_spec
+
+
+def spec(**kw: object) -> dict:
+    base = {"name": "demo", "description": "d", "kind": "sae", "hookpoint": "layers.3",
+            "features": [{"id": 1, "weight": 1.0}], "threshold": 0.5}
+    base.update(kw)
+    return base
+
+
+def test_a_valid_pack_loads_with_its_detectors(tmp_path: Path) -> None:
+    pack = load_pack(make_pack(tmp_path / "p"))
+    assert pack.name == "test-pack"
+    assert list(pack.saes) == ["layers.3"] and pack.saes["layers.3"].d_sae == 64
+    assert [d.name for d in pack.select(None)] == ["demo"]
+    with pytest.raises(ConfigError, match="valid: demo"):
+        pack.select(["nope"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"features": [{"id": 64, "weight": 1.0}]}, "feature 64 is out of range.*0 … 63"),
+    ({"hookpoint": "layers.9"}, "layers.9.*no SAE.*valid: layers.3"),
+    ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+    ({"threshold": float("nan")}, "threshold"),
+    ({"features": []}, "at least one entry"),
+    ({"kind": "probe"}, "probe_weights"),
+    ({"name": "Bad Name"}, "name"),
+    ({"phases": ["prompt", "prompt"]}, "repeat"),
+])
+def test_bad_specs_fail_at_load_naming_file_and_field(tmp_path: Path, override: dict, message: str) -> None:
+    root = make_pack(tmp_path / "p", detectors=[spec(**override)])
+    with pytest.raises((ConfigError, FeatureOutOfRange), match=message) as info:
+        load_pack(root)
+    assert ".json" in str(info.value)
+
+
+def test_invalid_json_in_a_spec_names_the_file(tmp_path: Path) -> None:
+    root = make_pack(tmp_path / "p")
+    (root / "demo.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"demo\.json: invalid JSON"):
+        load_spec(root / "demo.json")
+
+
+def test_unknown_pack_lists_the_shipped_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="shipped packs"):
+        load_pack(tmp_path / "nowhere")
+
+
+def test_spec_round_trips_through_json(tmp_path: Path) -> None:
+    root = make_pack(tmp_path / "p")
+    s = load_spec(root / "demo.json")
+    s.save(tmp_path / "copy.json")
+    assert load_spec(tmp_path / "copy.json") == s
+    assert json.loads((tmp_path / "copy.json").read_text())["name"] == "demo"
+
+
+def test_the_default_pack_ships_as_package_data() -> None:
+    assert "smollm2-135m-instruct" in list_packs()
+    pack = load_pack()
+    assert pack.manifest.model == "SmolLM2-135M-Instruct"
+    assert set(pack.select(None)) and all(d.calibration is not None for d in pack.select(None))

@@ -1,0 +1,30 @@
+"""The public surface is small and deliberate; changing it must be a conscious act."""
+
+import subprocess
+import sys
+
+import featurewatch
+
+
+def test_public_names_are_locked() -> None:
+    assert sorted(featurewatch.__all__) == [
+        "Alert", "DetectorSpec", "FeatureWatchError", "GenerationBlocked", "GenerationResult", "Monitor",
+        "RunResult", "SparseAutoencoder", "load_pack",
+    ]
+    for name in featurewatch.__all__:
+        assert getattr(featurewatch, name) is not None
+
+
+def test_importing_changes_nothing_global() -> None:
+    code = ("import sys, torch, logging; before = (sys.excepthook, torch.nn.Module.__call__, "
+            "len(logging.root.handlers)); import featurewatch, featurewatch.cli; "
+            "after = (sys.excepthook, torch.nn.Module.__call__, len(logging.root.handlers)); "
+            "assert before == after, (before, after); "
+            "assert 'prometheus_client' not in sys.modules and 'langchain_core' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_is_light_until_a_name_is_used() -> None:
+    code = ("import sys, featurewatch; assert 'torch' not in sys.modules; "
+            "featurewatch.Monitor; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

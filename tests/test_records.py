@@ -1,0 +1,88 @@
+"""Record files: validation with line numbers, phases, truncation."""
+
+from pathlib import Path
+
+import pytest
+
+from featurewatch.errors import RecordError
+from featurewatch.records import iter_records, load_records, pad_right, parse_record, render
+
+
+def write(tmp_path: Path, *lines: str) -> Path:
+    p = tmp_path / "in.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def test_valid_records_keep_ids_and_pass_through_extra_keys(tmp_path: Path) -> None:
+    p = write(tmp_path, '{"id": "a", "text": "hello", "label": 1, "source": "x"}',
+              "", '{"messages": [{"role": "user", "content": "hi"}]}')
+    records = load_records(p)
+    assert [r.id for r in records] == ["a", "line-3"]
+    assert records[0].extra == {"label": 1, "source": "x"}
+    assert records[1].line == 3
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "invalid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"id": "x"}', "exactly one of 'text'"),
+    ('{"text": "a", "messages": []}', "exactly one of 'text'"),
+    ('{"text": ""}', "non-empty string"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "messages\\[0\\]"),
+])
+def test_malformed_line_is_an_error_naming_its_line_number(tmp_path: Path, line: str, message: str) -> None:
+    p = write(tmp_path, '{"text": "fine"}', line)
+    with pytest.raises(RecordError, match=message) as info:
+        load_records(p)
+    assert info.value.line == 2
+    assert f"{p}:2:" in str(info.value)
+
+
+def test_skip_invalid_reports_every_skipped_line(tmp_path: Path) -> None:
+    p = write(tmp_path, '{"text": "a"}', "oops", '{"text": "b"}', "{}")
+    skipped: list[RecordError] = []
+    records = list(iter_records(p, skip_invalid=True, on_skip=skipped.append))
+    assert [r.text for r in records] == ["a", "b"]
+    assert [e.line for e in skipped] == [2, 4]
+
+
+def test_missing_file_is_a_record_error(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="cannot open"):
+        load_records(tmp_path / "nope.jsonl")
+
+
+class CharTokenizer:
+    """Characters as tokens; a chat template that wraps turns in brackets."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def apply_chat_template(self, messages: list, tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        out = "".join(f"[{m['role'][0]}]{m['content']}" for m in messages)
+        return out + ("[a]" if add_generation_prompt else "")
+
+
+def test_render_splits_prompt_and_completion_at_the_assistant_reply() -> None:
+    rec = parse_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                       line=1)
+    r = render(rec, CharTokenizer())
+    assert "".join(map(chr, r.ids[:r.n_prompt])) == "[u]hi[a]"
+    assert "".join(map(chr, r.ids[r.n_prompt:])) == "yo"
+    assert r.phase_of(0) == "prompt" and r.phase_of(len(r.ids) - 1) == "completion"
+
+
+def test_render_text_is_all_prompt_and_truncation_keeps_the_reply() -> None:
+    text = render(parse_record({"text": "abcdef"}, line=1), CharTokenizer(), max_tokens=4)
+    assert text.n_prompt == 4 and len(text.ids) == 4
+    chat = parse_record({"messages": [{"role": "user", "content": "x" * 50},
+                                      {"role": "assistant", "content": "reply"}]}, line=1)
+    r = render(chat, CharTokenizer(), max_tokens=12)
+    assert len(r.ids) == 12
+    assert "".join(map(chr, r.ids[r.n_prompt:])) == "reply"
+
+
+def test_pad_right_masks_the_padding() -> None:
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
