@@ -75,7 +75,10 @@ def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
     if arch not in ("standard", "jumprelu", "topk"):
         raise SAEFormatError(f"{path}/cfg.json: architecture {arch!r} is not supported; "
                              "valid: standard, jumprelu, topk")
-    norm = cfg.get("normalize_activations", "none") or "none"
+    norm = cfg.get("normalize_activations", "none")
+    if isinstance(norm, bool):  # pre-v6 files: true meant the dataset-average scaling
+        norm = "expected_average_only_in" if norm else "none"
+    norm = norm or "none"
     scale = 1.0
     if norm == "expected_average_only_in":
         if input_scale is None:
@@ -85,11 +88,21 @@ def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
     elif norm != "none":
         raise SAEFormatError(f"{path}/cfg.json: normalize_activations={norm!r} is not supported; "
                              "valid: none, expected_average_only_in")
+    elif input_scale is not None:
+        raise ConfigError(f"{path}: input_scale was given but cfg.json says normalize_activations='none'; "
+                          "drop input_scale (the weights already work on raw activations)")
     tensors = _read_safetensors(path / "sae_weights.safetensors")
     W_enc, W_dec, b_enc, b_dec = _need(tensors, path / "sae_weights.safetensors", "W_enc", "W_dec", "b_enc", "b_dec")
     threshold = tensors.get("threshold")
     if arch == "jumprelu" and threshold is None:
         raise SAEFormatError(f"{path}: a jumprelu SAE needs a 'threshold' tensor")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens ranks and scales activations by ‖W_dec[i]‖; folding the norms into the
+        # weights gives the same encode/decode (and is a no-op for already-folded exports)
+        norms = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms.unsqueeze(1)
+        if threshold is not None:
+            threshold = threshold * norms
     hook_name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     if (d_in, d_sae) != tuple(W_enc.shape) and d_in is not None:
@@ -112,6 +125,10 @@ def _load_sparsify(path: Path) -> SparseAutoencoder:
     k = cfg.get("k")
     if not isinstance(k, int):
         raise SAEFormatError(f"{path}/cfg.json: a sparsify SAE needs an integer 'k'")
+    if cfg.get("activation", "topk") != "topk":
+        raise SAEFormatError(f"{path}/cfg.json: activation={cfg['activation']!r} is not supported; valid: topk")
+    if cfg.get("skip_connection") or "W_skip" in tensors:
+        raise SAEFormatError(f"{path}: sparsify SAEs with a skip connection (W_skip) are not supported")
     # encoder.weight is (d_sae, d_in) like nn.Linear; W_dec is already (d_sae, d_in).
     return SparseAutoencoder(enc_w.T.contiguous(), W_dec, enc_b, b_dec, architecture="topk", k=k,
                              apply_b_dec_to_input=not cfg.get("transcode", False),
@@ -121,10 +138,12 @@ def _load_sparsify(path: Path) -> SparseAutoencoder:
 def _load_gemma_scope(path: Path) -> SparseAutoencoder:
     import numpy as np
 
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
             arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SAEFormatError(f"cannot read {path}: {exc}; the file is truncated or corrupt") from exc
     W_enc, W_dec, b_enc, b_dec, thr = _need(arrays, path, "W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     return SparseAutoencoder(W_enc, W_dec, b_enc, b_dec, architecture="jumprelu", threshold=thr,

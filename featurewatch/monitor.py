@@ -78,7 +78,7 @@ class _Plan:
             x = x - sae.b_dec
         pre = x @ self.W_enc + self.b_enc
         if sae.architecture == "jumprelu":
-            return pre * (pre > self.theta)
+            return torch.relu(pre) * (pre > self.theta)
         return torch.relu(pre)
 
 

@@ -59,6 +59,8 @@ class SparseAutoencoder(nn.Module):
         arch = _ALIASES.get(architecture)
         if arch is None:
             raise ConfigError(f"unknown SAE architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+        if W_enc.ndim != 2:
+            raise SAEFormatError(f"W_enc must be 2-D (d_in, d_sae), got shape {tuple(W_enc.shape)}")
         d_in, d_sae = W_enc.shape
         expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
         for name, tensor in (("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
@@ -117,8 +119,8 @@ class SparseAutoencoder(nn.Module):
     def _activate(self, pre: Tensor, threshold: Tensor) -> Tensor:
         if self.architecture == "standard":
             return torch.relu(pre)
-        if self.architecture == "jumprelu":
-            return pre * (pre > threshold)
+        if self.architecture == "jumprelu":  # relu(pre)·1[pre > θ], as SAELens and Gemma Scope
+            return torch.relu(pre) * (pre > threshold)
         values, indices = torch.topk(pre, self.k, dim=-1)  # type: ignore[arg-type]
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
@@ -133,6 +135,10 @@ class SparseAutoencoder(nn.Module):
         TopK needs every pre-activation and so encodes in full, then selects.
         """
         idx = torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
+            from .errors import FeatureOutOfRange
+
+            raise FeatureOutOfRange(f"feature ids must be in 0 … {self.d_sae - 1}; got {idx.tolist()}")
         if not self.elementwise:
             return self.encode(x).index_select(-1, idx)
         pre = self._prepare(x) @ self.W_enc.index_select(1, idx) + self.b_enc.index_select(0, idx)
@@ -191,7 +197,9 @@ class SparseAutoencoder(nn.Module):
             "apply_b_dec_to_input": sae.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            "metadata": {**sae.metadata, "hook_name": sae.hook_name, "model_name": sae.model_name},
+            # sae_lens_version marks the v6 layout, so SAELens reads the nested metadata
+            "metadata": {**sae.metadata, "hook_name": sae.hook_name, "model_name": sae.model_name,
+                         "sae_lens_version": sae.metadata.get("sae_lens_version", "6.0.0")},
         }
         if sae.architecture == "topk":
             cfg["k"] = sae.k

@@ -96,8 +96,6 @@ def test_sparsify_missing_tensor_lists_what_is_there(tmp_path: Path) -> None:
         SparseAutoencoder.load(path)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="bug: _sae_formats.py:_load_sparsify ignores cfg 'activation' and "
-                   "'skip_connection': a groupmax SAE or one with a W_skip tensor loads silently as plain TopK")
 @pytest.mark.parametrize("variant", ["groupmax", "skip_connection"])
 def test_sparsify_variants_we_cannot_run_are_refused(tmp_path: Path, variant: str) -> None:
     if variant == "groupmax":
@@ -182,8 +180,6 @@ def test_non_zip_npz_is_a_format_error(tmp_path: Path) -> None:
         SparseAutoencoder.load(tmp_path / "params.npz")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: _sae_formats.py:127 catches OSError/ValueError/EOFError but np.load "
-                   "raises zipfile.BadZipFile for a truncated npz, which escapes as a raw BadZipFile")
 def test_truncated_npz_is_a_format_error(tmp_path: Path) -> None:
     np.savez(tmp_path / "params.npz", **gemma_arrays())
     data = (tmp_path / "params.npz").read_bytes()
@@ -237,8 +233,6 @@ def test_pre_v6_hook_point_and_relu(tmp_path: Path) -> None:
     torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc + sae.b_enc))
 
 
-@pytest.mark.xfail(strict=True, raises=SAEFormatError, reason="bug: _sae_formats.py:78-87 reads pre-v6 'normalize_activations': true "
-                   "(SAELens maps it to expected_average_only_in) as an unsupported value and raises SAEFormatError")
 def test_pre_v6_boolean_normalize_activations(tmp_path: Path) -> None:
     cfg = {"hook_name": "blocks.2.hook_resid_post", "d_in": D_IN, "d_sae": D_SAE, "normalize_activations": True}
     sae = SparseAutoencoder.load(write_saelens(tmp_path / "old", cfg), input_scale=2.0)

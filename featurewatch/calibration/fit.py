@@ -88,7 +88,7 @@ def fit_detector(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, *, k
         Z, mu, sd = _standardize(X[:, cand])
         chosen: np.ndarray | None = None
         for c in np.logspace(1, -3, 25):  # the weakest L1 penalty that keeps ≤ max_features
-            l1 = linear_model.LogisticRegression(penalty="l1", C=c, solver="liblinear", max_iter=2000,
+            l1 = linear_model.LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=2000,
                                                  random_state=seed)
             l1.fit(Z, y, sample_weight=w)
             nz = np.flatnonzero(l1.coef_[0])
