@@ -127,8 +127,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, progress: Any = None,
-          log_every: int = 50) -> tuple[BatchTopKSAE, float, list[dict[str, float]]]:
-    """Train on ``acts (n, d_in)`` (fp16 is fine); returns the model, the input scale and a loss log."""
+          log_every: int = 50, checkpoint_every: int = 200, max_steps: int | None = None,
+          ) -> tuple[BatchTopKSAE, float, list[dict[str, float]]]:
+    """Train on ``acts (n, d_in)`` (fp16 is fine); returns the model, the input scale and a loss log.
+
+    With ``checkpoint``, state is saved every ``checkpoint_every`` steps (and when stopping early
+    after ``max_steps`` steps of this call), and a later call resumes from it exactly.
+    """
     torch.manual_seed(cfg.seed)
     n, d_in = acts.shape
     sample = acts[torch.randperm(n)[:50_000]].float()
@@ -146,7 +151,8 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(cfg.epochs) + 1)])
     bar = progress(total=total, initial=start, desc="train", unit="step") if progress else None
-    for step in range(start, total):
+    end = total if max_steps is None else min(total, start + max_steps)
+    for step in range(start, end):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = acts[idx].float() * scale
         for group in opt.param_groups:
@@ -175,7 +181,7 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
             history.append(row)
             if bar:
                 bar.set_postfix(fvu=f"{row['fvu']:.3f}", dead=f"{row['dead']:.3f}")
-        if checkpoint and (step + 1) % 200 == 0:
+        if checkpoint and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
             torch.save({"model": sae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "scale": scale},
                        checkpoint)
         if bar:

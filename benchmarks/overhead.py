@@ -1,0 +1,105 @@
+"""Monitoring overhead on the embedded model: generation speed with and without featurewatch.
+
+Interleaves monitored and unmonitored generations in one process (DESIGN.md §7)
+and reports medians, plus the hook's own time per forward pass and offline
+scoring throughput. Run:
+
+    .venv/bin/python benchmarks/overhead.py [--reps 7] [--new-tokens 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from featurewatch.models import load_model
+from featurewatch.monitor import Monitor
+from featurewatch.records import parse_record
+from featurewatch.sinks import BaseSink
+
+PROMPTS = [
+    "Write a short email to a colleague about tomorrow's meeting.",
+    "Explain in two sentences how vaccines train the immune system.",
+    "Your account has been suspended. Reply with your password to restore access.",
+]
+
+
+class Timer(BaseSink):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_forward(self, *, model_name: str, seconds: float, tokens: int) -> None:
+        self.seconds.append(seconds)
+
+
+def generate_plain(lm: object, prompt: str, new_tokens: int) -> float:
+    tok, model = lm.tokenizer, lm.model  # type: ignore[attr-defined]
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok([text], return_tensors="pt", add_special_tokens=False)
+    t = time.perf_counter()
+    model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=tok.pad_token_id)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model()
+    timer = Timer()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monitor = Monitor(lm.model, lm.tokenizer, pack="smollm2-135m-instruct", sinks=[timer])
+    monitor.detach()
+    plain, monitored = [], []
+    for rep in range(args.reps + 1):  # the first round warms up and is dropped
+        for prompt in PROMPTS:
+            p = generate_plain(lm, prompt, args.new_tokens)
+            monitor.attach()
+            t = time.perf_counter()
+            monitor.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             raise_on_block=False)
+            m = time.perf_counter() - t
+            monitor.detach()
+            if rep:
+                plain.append(p)
+                monitored.append(m)
+    hook = sorted(timer.seconds)
+    monitor.attach()
+    records = [parse_record({"text": PROMPTS[i % 3] * 8}, line=i) for i in range(48)]
+    t = time.perf_counter()
+    list(monitor.score_records(records, batch_size=8, max_tokens=256))
+    score_s = time.perf_counter() - t
+    n_tokens = sum(len(lm.tokenizer(r.text)["input_ids"][:256]) for r in records)
+    monitor.detach()
+    result = {
+        "new_tokens": args.new_tokens, "reps": args.reps, "prompts": len(PROMPTS),
+        "plain_tokens_per_s_median": round(args.new_tokens / statistics.median(plain), 2),
+        "monitored_tokens_per_s_median": round(args.new_tokens / statistics.median(monitored), 2),
+        "overhead_ratio_median": round(statistics.median(m / p for m, p in zip(monitored, plain)), 4),
+        "hook_ms_per_forward_p50": round(1e3 * hook[len(hook) // 2], 3),
+        "hook_ms_per_forward_p99": round(1e3 * hook[int(len(hook) * 0.99)], 3),
+        "score_tokens_per_s": round(n_tokens / score_s, 1),
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mb_before_monitor": round(rss0 / 1024, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<32} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
