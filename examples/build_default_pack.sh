@@ -20,16 +20,16 @@ cp runs/sae-l15/features.json "$PACK/features.json"
 $FW calibrate --pack "$PACK" --name scam-email --phase all --watch prompt,completion --severity warning \
     --description "Text that is, or is being written as, a scam, phishing or fraud message." \
     --input "$HW/handwritten_scam.jsonl" --input "$DATA/dev/scam.jsonl" \
-    --weight handwritten_scam.jsonl=2 --max-records 1300 --max-tokens 160
+    --weight handwritten_scam.jsonl=8 --max-records 1300 --max-tokens 160
 $FW calibrate --pack "$PACK" --name dangerous-content --phase all --watch prompt,completion --severity critical \
     --description "Requests for, or text giving, seriously harmful capability (weapons, cyberattacks, violent crime, hard drugs)." \
     --input "$HW/handwritten_dangerous.jsonl" --input "$DATA/dev/dangerous.jsonl" \
-    --weight handwritten_dangerous.jsonl=2 --max-tokens 256
+    --weight handwritten_dangerous.jsonl=8 --max-tokens 256
 $FW calibrate --pack "$PACK" --name sycophancy --phase completion --severity info \
     --description "The assistant flattering the user or telling them what they want to hear instead of the truth." \
     --input "$HW/handwritten_sycophancy.jsonl" --input "$DATA/dev/sycophancy.jsonl" \
-    --weight handwritten_sycophancy.jsonl=2 --max-records 1400 --max-tokens 256
+    --weight handwritten_sycophancy.jsonl=8 --max-records 1400 --max-tokens 256
 $FW calibrate --pack "$PACK" --name deception --phase completion --severity warning \
     --description "The assistant knowingly misleading (lying, concealing, manipulating, fabricating) or asserting falsehoods." \
     --input "$HW/handwritten_deception.jsonl" --input "$DATA/dev/deception.jsonl" \
-    --weight handwritten_deception.jsonl=2 --max-tokens 256
+    --weight handwritten_deception.jsonl=8 --max-tokens 256

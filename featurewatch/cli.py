@@ -219,6 +219,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .display import feature_name
+    from .errors import FeatureOutOfRange
     from .pack import load_pack
 
     pack = load_pack(args.pack or "smollm2-135m-instruct")
@@ -226,34 +227,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sae = pack.saes.get(hp)
     if sae is None:
         raise FeatureWatchError(f"pack {pack.name} has no SAE at {hp}; valid: {', '.join(pack.saes)}")
-    if not 0 <= args.feature < sae.d_sae:
-        from .errors import FeatureOutOfRange
-
-        raise FeatureOutOfRange(f"feature {args.feature} is out of range; the SAE at {hp} has 0 … {sae.d_sae - 1}")
-    info = pack.features.get(hp, {}).get(args.feature)
-    contexts = list(info.top_contexts) if info else []
+    bad = [f for f in args.features if not 0 <= f < sae.d_sae]
+    if bad:
+        raise FeatureOutOfRange(f"feature(s) {bad} out of range; the SAE at {hp} has 0 … {sae.d_sae - 1}")
+    live: dict[int, list[Any]] = {}
     if args.corpus:
         from .calibration.discover import top_contexts
         from .models import load_model
 
         loaded = load_model(args.model)
-        contexts = top_contexts(loaded.model, loaded.tokenizer, sae, hp, args.corpus, args.feature,
-                                n_records=args.records, progress=_progress())
-    used_by = [d.name for d in pack.detectors.values() if any(f.id == args.feature for f in d.features)]
-    data = {"feature": args.feature, "hookpoint": hp, "name": feature_name(pack, hp, args.feature, 200),
-            "label": info.label if info else None, "max_activation": info.max_activation if info else None,
-            "density": info.density if info else None, "used_by": used_by, "top_contexts": contexts}
+        live = top_contexts(loaded.model, loaded.tokenizer, sae, hp, args.corpus, list(args.features),
+                            n_records=args.records, progress=_progress())
+    out = []
+    for feature in args.features:
+        info = pack.features.get(hp, {}).get(feature)
+        used_by = [d.name for d in pack.detectors.values() if any(f.id == feature for f in d.features)]
+        out.append({"feature": feature, "hookpoint": hp, "name": feature_name(pack, hp, feature, 200),
+                    "label": info.label if info else None,
+                    "max_activation": info.max_activation if info else None,
+                    "density": info.density if info else None, "used_by": used_by,
+                    "top_contexts": live.get(feature) if args.corpus else (list(info.top_contexts) if info else [])})
     if args.json:
-        print(json.dumps(data, ensure_ascii=False))
+        for row in out:
+            print(json.dumps(row, ensure_ascii=False))
         return 0
-    print(f"{data['name']}  (pack {pack.name}, {hp})")
-    print(f"  max activation {data['max_activation']}, firing density {data['density']}")
-    if used_by:
-        print(f"  used by detectors: {', '.join(used_by)}")
-    print("  top-activating contexts (the token in «»):")
-    for c in contexts:
-        print(f"    {c if isinstance(c, str) else c['context']}" +
-              ("" if isinstance(c, str) else f"   [{c['activation']:.2f}]"))
+    for row in out:
+        print(f"{row['name']}  (pack {pack.name}, {hp})")
+        print(f"  max activation {row['max_activation']}, firing density {row['density']}")
+        if row["used_by"]:
+            print(f"  used by detectors: {', '.join(row['used_by'])}")
+        print("  top-activating contexts (the token in «»)" + (f" in {args.corpus}:" if args.corpus else ":"))
+        for c in row["top_contexts"]:
+            print(f"    {c}" if isinstance(c, str) else f"    [{c['activation']:6.2f}] {c['context']}")
+        print()
     return 0
 
 
@@ -307,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("inspect", help="a feature's statistics and top-activating contexts")
-    p.add_argument("feature", type=int)
+    p.add_argument("features", type=int, nargs="+", metavar="FEATURE")
     p.add_argument("--pack", default=None)
     p.add_argument("--hookpoint")
     p.add_argument("--corpus", help="JSONL records to find top contexts in (default: the pack's stored ones)")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -80,11 +81,12 @@ def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
             name = Path(gguf_file).stem.split(".")[0]
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF dequantisation prints progress bars and notices
+    hf_logging.set_verbosity_error()  # GGUF dequantisation prints notices
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with _quiet_gguf_progress(bool(gguf_file)):
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelNotAvailable(f"cannot load model {model!r}: {exc}. Give a local directory, a .gguf file, "
                                 "or a hub id on a machine that can reach the hub") from exc
@@ -95,6 +97,31 @@ def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(lm, tokenizer, name)
+
+
+@contextmanager
+def _quiet_gguf_progress(active: bool) -> Iterator[None]:
+    """Silence the per-tensor progress bar transformers prints while dequantising GGUF (~2 s).
+
+    transformers uses a bare ``tqdm`` there, which its own progress-bar switch does not reach;
+    the swap is scoped to this load.
+    """
+    if not active:
+        yield
+        return
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -32,7 +32,7 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
                    help="phase whose tokens are pooled for fitting")
     p.add_argument("--watch", default=None, help="phases the detector watches, comma-separated (default: --phase)")
     p.add_argument("--kind", choices=["sae", "probe", "both"], default="both")
-    p.add_argument("--max-features", type=int, default=32)
+    p.add_argument("--max-features", type=int, default=64)
     p.add_argument("--target-fpr", type=float, default=0.01)
     p.add_argument("--action", choices=["alert", "suppress", "block"], default="alert")
     p.add_argument("--severity", choices=["info", "warning", "critical"], default="warning")
@@ -183,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   + "; ".join(f"{k} AUROC {v['auroc']}" for k, v in held.items()))
         common = dict(name=name, description=args.description or f"{args.name} ({kind})", kind=kind,
                       hookpoint=hp, bias=fit.bias, threshold=fit.threshold, phases=watch,
-                      pooling=Pooling(method="mean", min_tokens=4), action=args.action,
+                      pooling=Pooling(method="mean", min_tokens=3), action=args.action,
                       severity=args.severity, calibration=calibration)
         if kind == "sae":
             spec = DetectorSpec(features=[FeatureWeight(id=f, weight=float(wt),

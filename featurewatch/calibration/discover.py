@@ -35,23 +35,29 @@ def contrast(pos: np.ndarray, neg: np.ndarray, top: int = 20) -> list[dict[str, 
 
 
 @torch.inference_mode()
-def top_contexts(model: Any, tokenizer: Any, sae: SparseAutoencoder, hookpoint: str, corpus: str, feature: int,
-                 *, n_records: int = 400, n: int = 8, progress: Any = None) -> list[dict[str, Any]]:
-    """The ``n`` strongest activations of ``feature`` in the first ``n_records`` records of ``corpus``."""
+def top_contexts(model: Any, tokenizer: Any, sae: SparseAutoencoder, hookpoint: str, corpus: str,
+                 features: list[int], *, n_records: int = 400, n: int = 8,
+                 progress: Any = None) -> dict[int, list[dict[str, Any]]]:
+    """The ``n`` strongest activations of each feature in the first ``n_records`` records of ``corpus``."""
     records = load_records(corpus)[:n_records]
-    best: list[tuple[float, str]] = []
+    best: dict[int, list[tuple[float, str]]] = {f: [] for f in features}
     bar = progress(total=len(records), desc="inspect", unit="rec") if progress else None
     for s in range(0, len(records), 16):
         rows = [render(r, tokenizer, max_tokens=256).ids for r in records[s:s + 16]]
         ids, mask = pad_right(rows, tokenizer.pad_token_id)
         acts = forward_until(model, ids, mask, [hookpoint])[hookpoint]
-        f = sae.encode_subset(acts, [feature])[..., 0]
-        f[excluded_positions(ids, mask, tokenizer.all_special_ids)] = 0
-        for r, p in zip(*torch.nonzero(f > 0, as_tuple=True)):
-            best.append((float(f[r, p]), context_snippet(tokenizer, rows[int(r)], int(p))))
-        best = sorted(best, key=lambda t: -t[0])[:n]
+        f_all = sae.encode_subset(acts, features)
+        f_all[excluded_positions(ids, mask, tokenizer.all_special_ids)] = 0
+        for j, feature in enumerate(features):
+            f = f_all[..., j]
+            top = torch.topk(f.flatten(), min(n, f.numel()))
+            for v, flat in zip(top.values.tolist(), top.indices.tolist()):
+                if v > 0:
+                    r, p = divmod(flat, f.shape[1])
+                    best[feature].append((v, context_snippet(tokenizer, rows[r], p)))
+            best[feature] = sorted(best[feature], key=lambda t: -t[0])[:n]
         if bar:
             bar.update(len(rows))
     if bar:
         bar.close()
-    return [{"activation": round(v, 3), "context": c} for v, c in best]
+    return {f: [{"activation": round(v, 3), "context": c} for v, c in items] for f, items in best.items()}

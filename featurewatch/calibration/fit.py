@@ -5,8 +5,10 @@ phase(s) a detector watches. Because the mean is linear, the fitted model
 folds exactly into a per-token score ``bias + w·a_t`` whose running mean the
 monitor pools: the live score equals the offline one.
 
-* ``sae``: rank features by AUROC on the fitting split, keep the strongest
-  candidates, choose at most ``max_features`` with an L1 path, refit with L2.
+* ``sae``: every feature that fires on the data is a candidate (pre-ranking by
+  AUROC favoured features that separate the large public sets by era and
+  format, and generalised worse to hand-written look-alikes); at most
+  ``max_features`` are chosen with an L1 path, then refit with L2.
 * ``probe``: L2 logistic regression on the pooled residual.
 
 The threshold comes from out-of-fold scores of the fitting split (5 folds) at
@@ -74,7 +76,7 @@ def _fold(coef: np.ndarray, intercept: float, mu: np.ndarray, sd: np.ndarray) ->
 
 
 def fit_detector(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, *, kind: Literal["sae", "probe"],
-                 max_features: int = 32, candidates: int = 256, target_fpr: float = 0.01, C: float = 1.0,
+                 max_features: int = 64, candidates: int | None = None, target_fpr: float = 0.01, C: float = 1.0,
                  seed: int = 0) -> Fit:
     """Fit on pooled activations ``X (n, width)`` with labels ``y`` and optional sample weights ``w``."""
     linear_model, model_selection = _sklearn()
@@ -84,7 +86,8 @@ def fit_detector(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, *, k
         au = feature_aurocs(X, y)
         fires = (X > 0).mean(0) > 0.002
         strength = np.where(fires, np.abs(au - 0.5), 0.0)
-        cand = np.argsort(-strength)[:candidates]
+        cand = np.argsort(-strength)[:candidates]  # None: every feature that fires
+        cand = cand[strength[cand] > 0]
         Z, mu, sd = _standardize(X[:, cand])
         chosen: np.ndarray | None = None
         for c in np.logspace(1, -3, 25):  # the weakest L1 penalty that keeps ≤ max_features
