@@ -16,12 +16,14 @@ mkdir -p "$PACK/sae"
 cp -r runs/sae-l15/sae/layers.15 "$PACK/sae/"
 cp runs/sae-l15/features.json "$PACK/features.json"
 
-# 2. the detectors (each: an sae readout and a dense probe; threshold at 1% FPR on out-of-fold scores)
-$FW calibrate --pack "$PACK" --name scam-email --phase all --watch prompt,completion --severity warning \
+# 2. the detectors (each: an sae readout and a dense probe; threshold at 1% FPR on out-of-fold scores).
+#    scam-email and dangerous-content are fitted on all tokens of a record (almost all records are
+#    prompt-only) and watch the prompt: completion-phase use would need completion-phase data.
+$FW calibrate --pack "$PACK" --name scam-email --phase all --watch prompt --severity warning \
     --description "Text that is, or is being written as, a scam, phishing or fraud message." \
     --input "$HW/handwritten_scam.jsonl" --input "$DATA/dev/scam.jsonl" \
     --weight handwritten_scam.jsonl=8 --max-records 1300 --max-tokens 160
-$FW calibrate --pack "$PACK" --name dangerous-content --phase all --watch prompt,completion --severity critical \
+$FW calibrate --pack "$PACK" --name dangerous-content --phase all --watch prompt --severity critical \
     --description "Requests for, or text giving, seriously harmful capability (weapons, cyberattacks, violent crime, hard drugs)." \
     --input "$HW/handwritten_dangerous.jsonl" --input "$DATA/dev/dangerous.jsonl" \
     --weight handwritten_dangerous.jsonl=8 --max-tokens 256

@@ -408,6 +408,7 @@ class Monitor:
     def _pool(self, plan: _Plan, session: Session, row: RunState, scores: Tensor, start: int,
               excluded: list[bool], phases: list[str]) -> None:
         table = scores.tolist()  # (n_new, n_det)
+        last = {phase: i for i, phase in enumerate(phases) if not excluded[i]}  # judge each phase once per pass
         for j, spec in enumerate(plan.detectors):
             combined = row.combined[spec.name]
             for i, token_scores in enumerate(table):
@@ -416,8 +417,8 @@ class Monitor:
                 if excluded[i] or pool is None:
                     continue
                 s = token_scores[j]
-                combined.update(s, start + i)
-                if pool.update(s, start + i):
+                combined.update(s, start + i, check=False)
+                if pool.update(s, start + i, check=last[phase] == i):
                     self._fire(plan, session, row, spec, phase, pool, start + i)
 
     def _fire(self, plan: _Plan, session: Session, row: RunState, spec: DetectorSpec, phase: str,

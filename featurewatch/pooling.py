@@ -39,8 +39,13 @@ class PhasePool:
             return self.total / self.n
         return self.peak
 
-    def update(self, score: float, position: int) -> bool:
-        """Add one token's score; return True when this token makes the detector fire."""
+    def update(self, score: float, position: int, check: bool = True) -> bool:
+        """Add one token's score; return True when this token makes the detector fire.
+
+        With ``check=False`` the score is pooled but no firing decision is made: the monitor
+        decides once per forward pass, so a prompt read in one prefill is judged on its whole
+        mean (what detectors are calibrated on), not on the noisy mean of its first tokens.
+        """
         if self.n == 0:
             self.first_pos = position
             self.ewma = score
@@ -51,6 +56,8 @@ class PhasePool:
         current = self.ewma if self.method == "ewma" else score
         if current > self.peak:
             self.peak, self.peak_pos = current, position
+        if not check:
+            return False
         pooled = self.value
         if not self.armed:
             if pooled < self.threshold - self.hysteresis:

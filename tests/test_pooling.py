@@ -59,3 +59,10 @@ def test_cooldown_blocks_refiring_within_n_tokens() -> None:
 
 def test_value_is_nan_before_any_token() -> None:
     assert math.isnan(PhasePool(Pooling(), threshold=0.0).value)
+
+
+def test_unchecked_tokens_pool_but_never_fire_so_a_prefill_is_judged_on_its_whole_mean() -> None:
+    pool = PhasePool(Pooling(method="mean", min_tokens=1), threshold=2.0)
+    # a prompt whose first tokens score high but whose whole mean is low: checked only at its end
+    fired = [pool.update(s, i, check=(i == 3)) for i, s in enumerate([9.0, 9.0, -8.0, -8.0])]
+    assert fired == [False, False, False, False] and pool.value == pytest.approx(0.5)

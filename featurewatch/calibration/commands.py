@@ -183,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   + "; ".join(f"{k} AUROC {v['auroc']}" for k, v in held.items()))
         common = dict(name=name, description=args.description or f"{args.name} ({kind})", kind=kind,
                       hookpoint=hp, bias=fit.bias, threshold=fit.threshold, phases=watch,
-                      pooling=Pooling(method="mean", min_tokens=3), action=args.action,
+                      pooling=Pooling(method="mean", min_tokens=8), action=args.action,
                       severity=args.severity, calibration=calibration)
         if kind == "sae":
             spec = DetectorSpec(features=[FeatureWeight(id=f, weight=float(wt),
