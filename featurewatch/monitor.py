@@ -287,6 +287,15 @@ class Monitor:
 
     def _end_session(self, session: Session, *, error: bool) -> None:
         session.outcome_error = error
+        if not error:
+            plans = {spec.name: plan for plan in self._plans for spec in plan.detectors}
+            for row in session.rows:
+                for spec in self.detectors:
+                    for phase in spec.phases:
+                        pool = row.pools[(spec.name, phase)]
+                        if not row.blocked and pool.final():
+                            self._fire(plans[spec.name], session, row, spec, phase, pool, pool.last_pos,
+                                       final=True)
         for result in session.results():
             self._emit("on_run_end", result)
 
@@ -422,7 +431,7 @@ class Monitor:
                     self._fire(plan, session, row, spec, phase, pool, start + i)
 
     def _fire(self, plan: _Plan, session: Session, row: RunState, spec: DetectorSpec, phase: str,
-              pool: PhasePool, position: int) -> None:
+              pool: PhasePool, position: int, final: bool = False) -> None:
         span = pool.span(position)
         text = None
         if session.capture_text and self.tokenizer is not None:
@@ -432,7 +441,9 @@ class Monitor:
                       span=span, text=text, evidence=self._evidence(plan, row, spec, phase),
                       started_at=row.started_at, fired_at=self.clock())
         row.alerts.append(alert)
-        if spec.action == "block":
+        if final:  # the run is over: nothing left to suppress or stop
+            pass
+        elif spec.action == "block":
             row.blocked = True
         elif spec.action == "suppress" and spec.name in plan.suppress_masks:
             current = row.suppressed.get(plan.hookpoint)

@@ -16,7 +16,7 @@ class PhasePool:
     """Running pooled score of one detector over one phase of one run."""
 
     __slots__ = ("method", "alpha", "min_tokens", "threshold", "hysteresis", "cooldown",
-                 "n", "total", "peak", "peak_pos", "ewma", "first_pos", "armed", "last_fire")
+                 "n", "total", "peak", "peak_pos", "ewma", "first_pos", "last_pos", "armed", "last_fire")
 
     def __init__(self, pooling: Pooling, threshold: float, hysteresis: float = 0.0, cooldown: int = 0) -> None:
         self.method, self.alpha, self.min_tokens = pooling.method, pooling.alpha, pooling.min_tokens
@@ -27,6 +27,7 @@ class PhasePool:
         self.peak_pos = -1
         self.ewma = 0.0
         self.first_pos = -1
+        self.last_pos = -1
         self.armed = True
         self.last_fire: int | None = None
 
@@ -52,6 +53,7 @@ class PhasePool:
         else:
             self.ewma = self.alpha * score + (1 - self.alpha) * self.ewma
         self.n += 1
+        self.last_pos = position
         self.total += score
         current = self.ewma if self.method == "ewma" else score
         if current > self.peak:
@@ -69,6 +71,19 @@ class PhasePool:
             return False
         self.armed = False
         self.last_fire = position
+        return True
+
+    def final(self) -> bool:
+        """At the end of a run: fire if the final pooled score is over the threshold and not yet reported.
+
+        ``min_tokens`` guards only the running decision (an early mean is noisy); a run's final
+        mean is what detectors are calibrated on, so a short completion still gets its verdict,
+        and a scored record alerts exactly when its score reaches the threshold.
+        """
+        if self.n == 0 or not self.armed or self.value < self.threshold:
+            return False
+        self.armed = False
+        self.last_fire = self.last_pos
         return True
 
     def span(self, position: int) -> tuple[int, int]:

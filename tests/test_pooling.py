@@ -66,3 +66,13 @@ def test_unchecked_tokens_pool_but_never_fire_so_a_prefill_is_judged_on_its_whol
     # a prompt whose first tokens score high but whose whole mean is low: checked only at its end
     fired = [pool.update(s, i, check=(i == 3)) for i, s in enumerate([9.0, 9.0, -8.0, -8.0])]
     assert fired == [False, False, False, False] and pool.value == pytest.approx(0.5)
+
+
+def test_final_verdict_fires_once_on_the_final_mean_even_below_min_tokens() -> None:
+    pool = PhasePool(Pooling(method="mean", min_tokens=50), threshold=1.0)
+    assert [pool.update(s, i) for i, s in enumerate([2.0, 2.0])] == [False, False]
+    assert pool.final() and pool.span(pool.last_pos) == (0, 2)
+    assert not pool.final()  # already reported
+    low = PhasePool(Pooling(method="mean", min_tokens=1), threshold=1.0)
+    low.update(0.5, 0)
+    assert not low.final()

@@ -34,6 +34,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     p.add_argument("--kind", choices=["sae", "probe", "both"], default="both")
     p.add_argument("--max-features", type=int, default=64)
     p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--min-tokens", type=int, default=8,
+                   help="tokens a phase needs before a running (mid-generation) decision; the final verdict needs none")
     p.add_argument("--action", choices=["alert", "suppress", "block"], default="alert")
     p.add_argument("--severity", choices=["info", "warning", "critical"], default="warning")
     p.add_argument("--weight", action="append", default=[], metavar="FILE=W",
@@ -183,7 +185,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   + "; ".join(f"{k} AUROC {v['auroc']}" for k, v in held.items()))
         common = dict(name=name, description=args.description or f"{args.name} ({kind})", kind=kind,
                       hookpoint=hp, bias=fit.bias, threshold=fit.threshold, phases=watch,
-                      pooling=Pooling(method="mean", min_tokens=8), action=args.action,
+                      pooling=Pooling(method="mean", min_tokens=args.min_tokens), action=args.action,
                       severity=args.severity, calibration=calibration)
         if kind == "sae":
             spec = DetectorSpec(features=[FeatureWeight(id=f, weight=float(wt),
