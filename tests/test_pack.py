@@ -67,4 +67,4 @@ def test_the_default_pack_ships_as_package_data() -> None:
     assert "smollm2-135m-instruct" in list_packs()
     pack = load_pack()
     assert pack.manifest.model == "SmolLM2-135M-Instruct"
-    assert set(pack.select(None)) and all(d.calibration is not None for d in pack.select(None))
+    assert pack.select(None) and all(d.calibration is not None for d in pack.select(None))
