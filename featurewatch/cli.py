@@ -54,7 +54,7 @@ def _monitor(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 # --------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
-    from .display import alert_line, feature_name, paint, use_color
+    from .display import alert_line, paint, use_color
     from .records import load_records
 
     color = use_color(sys.stdout) and not args.json

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .alert import Alert, FeatureEvidence, RunResult
 from .detector import DetectorSpec
-from .errors import ConfigError, GenerationBlocked, MonitorError, WidthMismatch
+from .errors import ConfigError, FeatureOutOfRange, GenerationBlocked, MonitorError, WidthMismatch
 from .hooks import _StopForward, rewrap, unwrap
 from .models import LoadedModel, load_model, model_width, resolve_hookpoint
 from .pack import DEFAULT_PACK, Pack, load_pack
@@ -192,7 +192,6 @@ class Monitor:
                 raise ConfigError(f"detectors or watched features at {name} need an SAE there; "
                                   f"SAEs given for: {', '.join(self._saes) or 'none'}")
             if sae is not None and needed and max(needed) >= sae.d_sae:
-                from .errors import FeatureOutOfRange
                 raise FeatureOutOfRange(f"feature {max(needed)} is out of range for the SAE at {name} "
                                         f"(features 0 … {sae.d_sae - 1})")
             ids = sorted(needed)
@@ -441,14 +440,13 @@ class Monitor:
                       span=span, text=text, evidence=self._evidence(plan, row, spec, phase),
                       started_at=row.started_at, fired_at=self.clock())
         row.alerts.append(alert)
-        if final:  # the run is over: nothing left to suppress or stop
-            pass
-        elif spec.action == "block":
-            row.blocked = True
-        elif spec.action == "suppress" and spec.name in plan.suppress_masks:
-            current = row.suppressed.get(plan.hookpoint)
-            mask = plan.suppress_masks[spec.name]
-            row.suppressed[plan.hookpoint] = mask if current is None else current | mask
+        if not final:  # at the end of a run there is nothing left to suppress or stop
+            if spec.action == "block":
+                row.blocked = True
+            elif spec.action == "suppress" and spec.name in plan.suppress_masks:
+                current = row.suppressed.get(plan.hookpoint)
+                mask = plan.suppress_masks[spec.name]
+                row.suppressed[plan.hookpoint] = mask if current is None else current | mask
         for callback in self.on_alert:
             try:
                 callback(alert)

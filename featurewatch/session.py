@@ -56,7 +56,6 @@ class RunState:
     suppressed: dict[str, Tensor] = field(default_factory=dict)  # hookpoint -> bool (m,) features to ablate
     blocked: bool = False
     degraded: bool = False
-    finished: bool = False
 
 
 class Session:
