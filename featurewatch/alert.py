@@ -15,6 +15,12 @@ Action = Literal["alert", "suppress", "block"]
 Severity = Literal["info", "warning", "critical"]
 Outcome = Literal["completed", "blocked", "error"]
 
+# The one source of truth for phases and outcomes (metrics labels, record rendering, pools).
+PROMPT: Phase = "prompt"
+COMPLETION: Phase = "completion"
+PHASES: tuple[Phase, ...] = (PROMPT, COMPLETION)
+OUTCOMES: tuple[Outcome, ...] = ("completed", "blocked", "error")
+
 
 class FeatureEvidence(BaseModel):
     """One feature's part in an alert: its mean activation over the span and its share of the score."""

@@ -58,35 +58,55 @@ def embedded_model_dir() -> Path:
     return directory
 
 
+def _source(model: str | Path | None, gguf_file: str | None) -> tuple[str | Path, str | None, str]:
+    """Where to load ``model`` from: ``(directory or hub id, GGUF file name or None, display name)``."""
+    if model is None or str(model) in ("embedded", EMBEDDED_MODEL_NAME):
+        return embedded_model_dir(), EMBEDDED_GGUF, EMBEDDED_MODEL_NAME
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name, path.name.split(".")[0]
+    name = path.name if path.exists() else str(model)
+    if path.exists() and gguf_file:
+        name = Path(gguf_file).stem.split(".")[0]
+    return model, gguf_file, name
+
+
+def _tokenizer(source: str | Path, gguf_file: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(model: str | Path | None = None, *, gguf_file: str | None = None) -> Any:
+    """Load only the tokenizer of a model (``None``: the embedded one), as :func:`load_model` would."""
+    source, gguf_file, _ = _source(model, gguf_file)
+    try:
+        return _tokenizer(source, gguf_file)
+    except OSError as exc:
+        raise ModelNotAvailable(f"cannot load the tokenizer of {model!r}: {exc}") from exc
+
+
 def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
                dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer by hub id, local directory or GGUF file.
 
     ``None`` (or ``"embedded"``) loads the embedded SmolLM2-135M-Instruct.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    name: str
-    if model is None or str(model) in ("embedded", EMBEDDED_MODEL_NAME):
-        source: str | Path = embedded_model_dir()
-        gguf_file, name = EMBEDDED_GGUF, EMBEDDED_MODEL_NAME
-    else:
-        source = model
-        path = Path(model)
-        if path.is_file() and path.suffix == ".gguf":
-            source, gguf_file = path.parent, path.name
-        name = path.name if path.exists() else str(model)
-        if path.exists() and gguf_file:
-            name = Path(gguf_file).stem.split(".")[0]
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    source, gguf_file, name = _source(model, gguf_file)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation prints notices
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = _tokenizer(source, gguf_file)
         with _quiet_gguf_progress(bool(gguf_file)):
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as exc:
         raise ModelNotAvailable(f"cannot load model {model!r}: {exc}. Give a local directory, a .gguf file, "
                                 "or a hub id on a machine that can reach the hub") from exc
@@ -94,8 +114,6 @@ def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     lm.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(lm, tokenizer, name)
 
 

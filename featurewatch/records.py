@@ -15,9 +15,11 @@ from typing import Any, Iterator
 
 from .errors import RecordError
 
+from .alert import COMPLETION, PHASES, PROMPT
+
 ROLES = ("system", "user", "assistant")
-PROMPT, COMPLETION = "prompt", "completion"
-PHASES = (PROMPT, COMPLETION)
+__all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "parse_record", "render",
+           "pad_right"]
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,18 @@ class Record:
 
 @dataclass(frozen=True)
 class Rendered:
-    """A record as tokens: ``ids`` are prompt tokens then completion tokens."""
+    """A record as tokens: ``ids`` are prompt tokens then completion tokens.
+
+    ``content[i]`` is True when token ``i`` belongs to what a person or the model wrote: the
+    text of a document, or the content of a user or assistant message. Chat markup, role
+    names and the system prompt (the operator's words, and a default one the template may
+    insert) are not content, and detectors never read them: a detector that could see the
+    wrapper would learn the wrapper.
+    """
 
     ids: list[int]
     n_prompt: int
+    content: list[bool]
 
     def phase_of(self, position: int) -> str:
         return PROMPT if position < self.n_prompt else COMPLETION
@@ -109,35 +119,81 @@ def load_records(path: str | Path, **kwargs: Any) -> list[Record]:
     return list(iter_records(path, **kwargs))
 
 
+def _tokenize(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool = False
+              ) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` and, per token, whether it starts inside one of the content ``spans``."""
+    try:
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        enc, offsets = tokenizer(text, add_special_tokens=special), None
+    ids = list(enc["input_ids"])
+    if offsets is None:
+        return ids, [True] * len(ids)
+    content = [end > start and any(a <= start < b for a, b in spans) for start, end in offsets]
+    return ids, content
+
+
+def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character spans of user and assistant message contents in a rendered chat, in order."""
+    spans, cursor = [], 0
+    for m in messages:
+        body = m["content"].strip()
+        if not body:
+            continue
+        at = rendered.find(body, cursor)
+        if at < 0:  # a template that rewrites contents: fall back to "everything is content"
+            return [(0, len(rendered))]
+        cursor = at + len(body)
+        if m["role"] != "system":
+            spans.append((at, cursor))
+    return spans
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool = True
+                ) -> Rendered:
+    """Tokenize chat messages through the chat template (all prompt phase), with the content mask."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids, content = _tokenize(tokenizer, text, _content_spans(text, messages))
+    return Rendered(ids, len(ids), content)
+
+
+def render_text(text: str, tokenizer: Any) -> Rendered:
+    """Tokenize a plain document (all prompt phase, all content but special tokens)."""
+    ids, content = _tokenize(tokenizer, text, [(0, len(text))], special=True)
+    return Rendered(ids, len(ids), content)
+
+
 def render(record: Record, tokenizer: Any, *, max_tokens: int | None = None) -> Rendered:
-    """Tokenize a record; ``messages`` go through the chat template."""
+    """Tokenize a record; ``messages`` go through the chat template.
+
+    Past ``max_tokens`` the reply is kept first, then the end of the prompt closest to it.
+    """
     if record.text is not None:
-        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"]
-        n_prompt = len(ids)
+        out = render_text(record.text, tokenizer)
     else:
         msgs = list(record.messages or ())
-        if msgs[-1]["role"] == "assistant":
+        if msgs[-1]["role"] != "assistant":
+            out = render_chat(msgs, tokenizer)
+        else:
             prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(msgs, tokenize=False)
             if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to a split
-                prompt, full = full[: full.rfind(msgs[-1]["content"])], full
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-            ids, n_prompt = p_ids + c_ids, len(p_ids)
-        else:
-            prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            n_prompt = len(ids)
-    if max_tokens is not None and len(ids) > max_tokens:
-        prompt_ids, completion_ids = ids[:n_prompt], ids[n_prompt:]
-        if not completion_ids:
-            ids, n_prompt = prompt_ids[:max_tokens], max_tokens
-        else:  # keep the reply, and the end of the prompt closest to it
-            completion_ids = completion_ids[: max_tokens - min(n_prompt, max_tokens // 2)]
-            keep = max_tokens - len(completion_ids)
-            prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
-            ids, n_prompt = prompt_ids + completion_ids, len(prompt_ids)
-    return Rendered(list(ids), n_prompt)
+                prompt = full[: full.rfind(msgs[-1]["content"])]
+            spans = _content_spans(full, msgs)
+            p_ids, p_content = _tokenize(tokenizer, prompt, spans)
+            shifted = [(a - len(prompt), b - len(prompt)) for a, b in spans]
+            c_ids, c_content = _tokenize(tokenizer, full[len(prompt):], shifted)
+            out = Rendered(p_ids + c_ids, len(p_ids), p_content + c_content)
+    if max_tokens is None or len(out.ids) <= max_tokens:
+        return out
+    n_prompt = out.n_prompt
+    if n_prompt == len(out.ids):  # no reply: keep the start of the document
+        return Rendered(out.ids[:max_tokens], max_tokens, out.content[:max_tokens])
+    n_completion = min(len(out.ids) - n_prompt, max_tokens - min(n_prompt, max_tokens // 2))
+    keep = max_tokens - n_completion
+    lo, hi = n_prompt - keep, n_prompt + n_completion
+    return Rendered(out.ids[lo:hi], keep, out.content[lo:hi])
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:

@@ -64,7 +64,7 @@ class TokenActs:
 @torch.inference_mode()
 def extract(model: Any, tokenizer: Any, records: list[Record], hookpoint: str, *, max_tokens: int = 256,
             batch_size: int = 16, progress: Any = None) -> TokenActs:
-    """Run records up to ``hookpoint`` and keep every non-excluded token's residual."""
+    """Run records up to ``hookpoint`` and keep the residual of every token a detector reads."""
     rendered = [render(r, tokenizer, max_tokens=max_tokens) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(rendered[i].ids))  # less padding
     per_record: list[tuple[Tensor, Tensor]] = [None] * len(records)  # type: ignore[list-item]
@@ -75,7 +75,9 @@ def extract(model: Any, tokenizer: Any, records: list[Record], hookpoint: str, *
         acts = forward_until(model, ids, mask, [hookpoint])[hookpoint].float()
         drop = excluded_positions(ids, mask, tokenizer.all_special_ids)
         for row, i in enumerate(idx):
+            content = torch.tensor(rendered[i].content, dtype=torch.bool)
             keep = ~drop[row]
+            keep[: content.numel()] &= content  # detectors read message contents only, never markup
             positions = keep.nonzero().flatten()
             per_record[i] = (acts[row, keep].half(), positions >= rendered[i].n_prompt)
         if bar:
