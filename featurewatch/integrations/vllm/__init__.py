@@ -23,6 +23,7 @@ vLLM is imported only when these functions run; install it with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ class VLLMMonitor:
     """A handle on featurewatch inside a ``vllm.LLM``: results by request id, alerts to your callbacks."""
 
     def __init__(self, llm: Any, *, model_name: str, detectors: list[str], layers: list[int],
-                 fanout: Fanout) -> None:
+                 fanout: Fanout, in_process: bool) -> None:
         self.llm = llm
+        self._in_process = in_process
         self.model_name = model_name
         self.detectors = detectors
         self.layers = layers
@@ -87,10 +89,22 @@ class VLLMMonitor:
                     finished.append(event)
         return finished
 
-    def result(self, request_id: str) -> RunResult:
+    def _flush(self) -> None:
+        # vLLM tells its workers which requests finished with the next step; an idle
+        # in-process engine takes no next step, so take one (it schedules nothing new).
+        engine = getattr(self.llm, "llm_engine", None)
+        if self._in_process and engine is not None and not engine.has_unfinished_requests():
+            engine.step()
+
+    def result(self, request_id: str, *, timeout: float = 5.0) -> RunResult:
         """The :class:`RunResult` of a finished request (``RequestOutput.request_id``)."""
-        if request_id not in self._results:
+        deadline = time.monotonic() + timeout
+        while request_id not in self._results:
+            self._flush()
             self.collect()
+            if request_id in self._results or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # an engine in another process flushes on its own, a moment later
         try:
             return self._results[request_id]
         except KeyError:
@@ -105,6 +119,7 @@ class VLLMMonitor:
         """Stop monitoring (the layer taps stay, as no-ops); safe to call more than once."""
         if self._attached:
             self._attached = False
+            self._flush()
             self.collect()
             self.llm.collective_rpc(_rpc_detach)
             self._fanout.emit("on_detach")
@@ -149,4 +164,4 @@ def attach(llm: Any, *, pack: str | Path = DEFAULT_PACK, detectors: Sequence[str
     fanout.emit("on_attach", model_name=info["model_name"],
                 detectors=load_pack(path).select(info["detectors"]))
     return VLLMMonitor(llm, model_name=info["model_name"], detectors=info["detectors"], layers=info["layers"],
-                       fanout=fanout)
+                       fanout=fanout, in_process=in_process)
