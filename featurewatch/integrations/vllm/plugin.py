@@ -10,8 +10,8 @@ workers). With ``FEATUREWATCH_PACK`` unset it does nothing. With it set:
 * the process that builds the engine config: prefix caching is turned off
   (featurewatch must read every prompt token; cached prefixes skip the model);
 * the API server: vLLM's ``/metrics`` is switched to prometheus_client's
-  multiprocess mode (vLLM's own ``setup_multiprocess_prometheus``, which it
-  uses for several API servers), so the worker's featurewatch series are served
+  multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, the mode vLLM itself uses
+  for several API servers; vLLM then serves the merged directory), so the worker's featurewatch series are served
   next to vLLM's, whatever the process layout. Alerts go to the JSON alert log.
 
 A bad setting raises here, so ``vllm serve`` fails at start-up with the message
@@ -145,18 +145,29 @@ def _patch_engine_args() -> None:
     EngineArgs._featurewatch_patched = True  # type: ignore[attr-defined]
 
 
+_API_SERVER_MODULES = ("vllm.entrypoints.cli.serve", "vllm.entrypoints.openai.api_server",
+                       "vllm.entrypoints.launchers.api_server.entry")
+
+
 def _is_api_server() -> bool:
-    return any(m in sys.modules for m in ("vllm.entrypoints.cli.serve", "vllm.entrypoints.openai.api_server"))
+    return any(m in sys.modules for m in _API_SERVER_MODULES)
 
 
 def _multiprocess_metrics() -> None:
     """Serve every process's series on the API server's /metrics (prometheus_client multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return  # already multiprocess (several API servers, or set by the operator)
-    from prometheus_client import values
-    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+    import atexit
+    import shutil
+    import tempfile
 
-    setup_multiprocess_prometheus()
+    from prometheus_client import values
+
+    # a directory of our own, as vLLM makes one for several API servers (its clean-up of that one
+    # is reserved for its own: this process removes ours at exit)
+    directory = tempfile.mkdtemp(prefix="featurewatch-prometheus-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     # prometheus_client chose in-memory values when it was imported; metrics made from now on
     # (vLLM's are made when the engine client starts) write to the directory instead.
     values.ValueClass = values.get_value_class()
