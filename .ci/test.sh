@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh
 bash .ci/install-servers.sh
+bash .ci/setup-vllm.sh  # .venv-vllm for tests/test_vllm.py (vLLM in its own venv)
 exec .venv/bin/python -m pytest "$@"

@@ -76,7 +76,8 @@ class ContentMasker:
     right before the role name is the turn marker (``<|im_start|>`` in ChatML). In a
     prompt, the tokens after a turn marker up to the first newline are the header
     (``user⏎``): not content, and they name the role; only the bodies of user and assistant
-    turns are content (not a system turn, nor text between turns). Special tokens never are. A prompt without turn markers is a plain
+    turns are content (not a system turn, nor text between turns), stripped of whitespace-only
+    tokens at either end. Special tokens never are. A prompt without turn markers is a plain
     document: all content but special tokens. A template without a recognisable turn
     marker falls back to that too, logged once (scores then include chat markup that
     :func:`~featurewatch.records.render_chat` would leave out).
@@ -98,7 +99,8 @@ class ContentMasker:
                 ids = ids["input_ids"]
             ids = list(ids)
             pieces = [tok.decode([i]) for i in ids]
-            at = next(i for i in range(len(ids)) if _PROBE[:2] in "".join(pieces[:i + 1]))  # its first token
+            # the probe's first token, and the last special token before it
+            at = next(i for i in range(len(ids)) if _PROBE[:2] in "".join(pieces[:i + 1]))
             marker = max(i for i in range(at) if ids[i] in self.special)
         except (StopIteration, ValueError, TypeError, KeyError):
             marker, pieces, at = None, [], 0

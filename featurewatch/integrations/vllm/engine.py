@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...alert import Alert, RunResult
+from ...alert import Alert, Outcome, RunResult
 from ...detection import Firing, evidence, new_pools, observe
 from ...detector import DetectorSpec
 from ...errors import ConfigError
@@ -140,7 +140,8 @@ class EngineMonitor:
     def begin_step(self, req_ids: Sequence[str | None], query_start_loc: Sequence[int], positions: Tensor,
                    input_ids: Tensor | None, requests: Mapping[str, Any]) -> None:
         """Map a forward pass's flat batch (request ``i`` in rows ``query_start_loc[i:i+2]``) to runs."""
-        scheduled, runs = [], []
+        scheduled: list[Scheduled] = []
+        runs: list[RunState] = []
         for i, rid in enumerate(req_ids):
             start, stop = int(query_start_loc[i]), int(query_start_loc[i + 1])
             if rid is None or stop <= start:
@@ -274,7 +275,7 @@ class EngineMonitor:
         for (name, phase), pool in run.pools.items():
             if pool.n:
                 phase_scores.setdefault(phase, {})[name] = pool.value
-        outcome = "error" if error else "blocked" if run.blocked else "completed"
+        outcome: Outcome = "error" if error else "blocked" if run.blocked else "completed"
         return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
                          phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
                          degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())

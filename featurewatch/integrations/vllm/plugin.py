@@ -135,7 +135,7 @@ def _patch_engine_args() -> None:
     create = EngineArgs.create_engine_config
 
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching is not False:  # None: vLLM's default, on
             logger.warning("featurewatch: prefix caching turned off (every prompt token must pass the monitored "
                            "layers; a cached prefix would skip them)")
         self.enable_prefix_caching = False

@@ -55,14 +55,14 @@ def tap_op() -> Any:
     global _OP
     if _OP is None:
         @torch.library.custom_op("featurewatch::tap", mutates_args=())
-        def tap(hidden: Tensor, residual: Optional[Tensor], layer: int) -> Tensor:  # noqa: UP007 (op schema)
+        def tap(hidden: Tensor, residual: Optional[Tensor], layer: int) -> Tensor:  # noqa: UP045 (the op schema is read from it)
             monitor = PROCESS.monitor
             if monitor is not None:
                 monitor.on_layer(layer, hidden, residual)
             return hidden.clone()
 
         @tap.register_fake
-        def _(hidden: Tensor, residual: Optional[Tensor], layer: int) -> Tensor:  # noqa: UP007
+        def _(hidden: Tensor, residual: Optional[Tensor], layer: int) -> Tensor:  # noqa: UP045
             return torch.empty_like(hidden)
 
         _OP = tap
@@ -91,7 +91,7 @@ def tap_layers(model: nn.Module, layers: list[int]) -> None:
             return op(out, None, _index)
 
         layer.forward = forward
-        layer._featurewatch_tapped = True
+        setattr(layer, "_featurewatch_tapped", True)  # noqa: B010 (nn.Module's typed __setattr__)
 
 
 def tapped_layers(model: nn.Module) -> list[int]:
@@ -100,7 +100,7 @@ def tapped_layers(model: nn.Module) -> list[int]:
 
 
 # ---------------------------------------------------------------------- the model runner
-def patch_runner(cls: type) -> None:
+def patch_runner(cls: Any) -> None:
     """Wrap a model runner class's step methods so the process's monitor sees each step (idempotent)."""
     if cls.__dict__.get("_featurewatch_patched"):
         return
@@ -175,11 +175,11 @@ def patch_scheduler() -> None:
     sched._featurewatch_patched = True
 
 
-def runner_classes() -> list[type]:
+def runner_classes() -> list[Any]:
     """The model runner classes this vLLM build may use."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    classes: list[type] = [GPUModelRunner]
+    classes: list[Any] = [GPUModelRunner]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except ImportError:
