@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry
 
 from featurewatch import GenerationBlocked, Monitor
 from featurewatch.alert import Alert
-from featurewatch.metrics import PrometheusMetrics, serve_metrics
+from featurewatch.exposition import serve_metrics
+from featurewatch.metrics import PrometheusMetrics
 from featurewatch.sinks import DetectorInfo
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
