@@ -65,3 +65,10 @@ def tpr_at_fpr(scores: Sequence[float], labels: Sequence[int], target_fpr: float
     if y.all() or not y.any():
         return math.nan
     return rates_at(s, y, threshold_at_fpr(s[~y], target_fpr))["tpr"]
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded for a report; ``None`` for a missing or NaN value (JSON has no NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)
