@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from conftest import make_pack
-from featurewatch import cli, models  # noqa: F401  (cli.main)
+from featurewatch import cli, models
 
 pytestmark = pytest.mark.slow
 
