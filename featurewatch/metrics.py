@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from .alert import Alert, RunResult
-from .errors import ConfigError, PortInUse
+from .errors import ConfigError
 from .sinks import BaseSink, DetectorInfo
 
 logger = logging.getLogger(__name__)

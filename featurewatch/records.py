@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import RecordError
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("system", "user", "assistant")
 PROMPT, COMPLETION = "prompt", "completion"

@@ -68,9 +68,8 @@ class SparseAutoencoder(nn.Module):
             if tuple(tensor.shape) != expected[name]:
                 raise SAEFormatError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
                                      f"for W_enc of shape {(d_in, d_sae)}")
-        if arch == "jumprelu":
-            if threshold is None or tuple(threshold.shape) != (d_sae,):
-                raise SAEFormatError(f"a jumprelu SAE needs a threshold of shape ({d_sae},)")
+        if arch == "jumprelu" and (threshold is None or tuple(threshold.shape) != (d_sae,)):
+            raise SAEFormatError(f"a jumprelu SAE needs a threshold of shape ({d_sae},)")
         if arch == "topk" and (k is None or not 0 < k <= d_sae):
             raise ConfigError(f"a topk SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
         if not (math.isfinite(input_scale) and input_scale > 0):

@@ -13,7 +13,6 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from featurewatch.alert import Alert, RunResult
-
 from featurewatch.sae import SparseAutoencoder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

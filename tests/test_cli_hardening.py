@@ -251,7 +251,7 @@ def test_score_writes_each_row_as_soon_as_it_is_scored(tmp_path: Path, capsys: A
 # --------------------------------------------------------------------------- metrics, for real
 @pytest.mark.slow
 def test_run_serves_metrics_that_can_be_scraped_and_stops_on_ctrl_c(tiny_lm_dir: Path, tiny_lm_pack: Path) -> None:
-    """`featurewatch run --metrics-port 0 --json --serve` crashed with AttributeError: ...has no attribute 'registry'."""
+    """`run --metrics-port 0 --json --serve` crashed: AttributeError: ... has no attribute 'registry'."""
     argv = [sys.executable, "-m", "featurewatch.cli", "run", "--model", str(tiny_lm_dir), "--pack",
             str(tiny_lm_pack), "--prompt", "Hello there", "--max-new-tokens", "4", "--json", "--metrics-port", "0",
             "--serve"]

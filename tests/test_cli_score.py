@@ -53,10 +53,12 @@ def test_one_row_per_record_in_order_with_ids_and_phase_scores(tmp_path: Path, p
 def test_output_file_and_the_same_scores_batched_or_not(tmp_path: Path, pack: Path, capsys: Any) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps({"id": str(i), "text": t}) for i, t in
-                             enumerate(["a short line of text", "a somewhat longer piece of text here", "mid length"])) + "\n")
+                             enumerate(["a short line of text", "a somewhat longer piece of text here",
+                                        "mid length"])) + "\n")
     out1, out8 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    assert cli.main(["score", "--input", str(inp), "--pack", str(pack), "--batch-size", "1", "--output", str(out1)]) == 0
-    assert cli.main(["score", "--input", str(inp), "--pack", str(pack), "--batch-size", "8", "--output", str(out8)]) == 0
+    for batch_size, out in (("1", out1), ("8", out8)):
+        assert cli.main(["score", "--input", str(inp), "--pack", str(pack), "--batch-size", batch_size,
+                         "--output", str(out)]) == 0
     a = [json.loads(x) for x in out1.read_text().splitlines()]
     b = [json.loads(x) for x in out8.read_text().splitlines()]
     assert [r["id"] for r in a] == [r["id"] for r in b] == ["0", "1", "2"]

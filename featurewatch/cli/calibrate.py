@@ -15,8 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (POSITIVE, CLIError, add_model_args, check_input, check_output_dir, float_range,
-                      load_model, load_pack_checked, progress)
+from ._common import (
+    POSITIVE,
+    CLIError,
+    add_model_args,
+    check_input,
+    check_output_dir,
+    float_range,
+    load_model,
+    load_pack_checked,
+    progress,
+)
 
 PHASE_CHOICES = ["prompt", "completion", "all"]
 

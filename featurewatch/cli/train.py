@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._common import (NON_NEGATIVE, POSITIVE, CLIError, check_input, check_output_dir, float_range, int_range,
-                      progress)
+from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, check_output_dir, float_range, int_range, progress
 
 
 def register(sub: Any) -> None:

@@ -176,7 +176,8 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
             if positive.numel():  # BatchTopK → JumpReLU: running mean of the smallest kept activation
                 sae.threshold.lerp_(positive.min(), 0.01 if step > 0 else 1.0)
         if step % log_every == 0 or step == total - 1:
-            row = {"step": step, "fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": float((f > 0).sum(-1).float().mean()),
+            row = {"step": step, "fvu": float(fvu.detach()), "aux": float(aux.detach()),
+                   "l0": float((f > 0).sum(-1).float().mean()),
                    "dead": float((sae.since_fired >= cfg.dead_tokens).float().mean()), "lr": lr_at(step, total, cfg)}
             history.append(row)
             if bar:
