@@ -7,6 +7,7 @@ Scores count matches per 100 words of the watched text.
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 from ..records import Record
 
@@ -35,7 +36,7 @@ def keyword_score(detector: str, text: str) -> float:
     return 100.0 * len(re.findall(pattern, text, flags=re.IGNORECASE)) / words
 
 
-def watched_text(record: Record, phases: list[str]) -> str:
+def watched_text(record: Record, phases: Sequence[str]) -> str:
     """The text of a record's watched phases, as a keyword filter would see it."""
     if record.text is not None:
         return record.text if "prompt" in phases else ""

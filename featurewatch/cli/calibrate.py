@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     watch = _watch(args)
     pack = load_pack_checked(args)
     out_dir = check_output_dir(args.out, "--out") if args.out else resolve_pack_path(args.pack or pack.path)
-    kinds = ["sae", "probe"] if args.kind == "both" else [args.kind]
+    kinds: list[Literal["sae", "probe"]] = ["sae", "probe"] if args.kind == "both" else [args.kind]
     per_file = _pooled(args, pack, args.input, args.phase, sae="sae" in kinds)
     hp = next(iter(pack.saes))
     fit_masks = [split_mask(s.data.records, "fit") for s in per_file]

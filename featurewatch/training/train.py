@@ -69,6 +69,8 @@ class BatchTopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(mean.clone())
         self.cfg = cfg
+        self.threshold: Tensor
+        self.since_fired: Tensor
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 
