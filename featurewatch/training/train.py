@@ -7,7 +7,7 @@ even on a short run. At export it becomes a JumpReLU SAE with one learned
 threshold, so inference is per-feature: watched features need only their own
 encoder columns, and clamps stay cheap.
 
-Recipe (SAE_NOTES.md): inputs scaled so E‖x‖ = √d_in (folded back at export),
+Recipe (docs/architecture.md, "SAE training"): inputs scaled so E‖x‖ = √d_in (folded back at export),
 ``b_dec`` initialised at the mean, unit-norm decoder rows with the gradient's
 parallel component removed, Adam with warm-up and linear decay, grad clip 1.
 """
