@@ -145,9 +145,9 @@ def test_output_in_a_read_only_place_fails_before_the_model_loads(good: Path, tm
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        fails(capsys, ["score", "--input", str(good), "--output", str(locked / "out.jsonl")], r"cannot write")
+        # root writes anywhere a mode allows; sysfs refuses new files even to root
+        place = Path("/sys") if os.access(locked, os.W_OK) else locked
+        fails(capsys, ["score", "--input", str(good), "--output", str(place / "out.jsonl")], r"cannot write")
     finally:
         locked.chmod(0o700)
 
