@@ -77,6 +77,10 @@ def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: in
     if batch_size < 1 or max_tokens < 2:
         raise ConfigError(f"batch_size={batch_size}, max_tokens={max_tokens}: both must be positive "
                           "(max_tokens at least 2)")
+    context = getattr(getattr(monitor.model, "config", None), "max_position_embeddings", None)
+    if context is not None and max_tokens > context:
+        raise ConfigError(f"max_tokens={max_tokens} exceeds the model's context of {context} tokens; "
+                          f"use at most {context}")
     batch: list[Record] = []
     for record in records:
         batch.append(record)

@@ -154,3 +154,15 @@ def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_llama: Any, t
         long = m.generate("abc", max_new_tokens=8, min_new_tokens=8)
     assert not short.alerts and "completion" in short.phase_scores
     assert len(long.alerts) == 1
+
+
+def test_scoring_refuses_a_max_tokens_past_the_context(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    from featurewatch.records import parse_record
+
+    record = parse_record({"text": "abc"}, line=1)
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+        with pytest.raises(ConfigError, match="context of 128 tokens"):
+            list(m.score_records([record], max_tokens=4096))
+        with pytest.raises(ConfigError, match="max_tokens=0"):
+            list(m.score_records([record], max_tokens=0))
+        assert len(list(m.score_records([record], max_tokens=128))) == 1
