@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from _langchain_helpers import Passes, lc_detectors
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -20,8 +22,6 @@ from langchain_core.runnables import RunnableLambda
 from featurewatch import GenerationBlocked, Monitor
 from featurewatch.integrations.langchain import ALERT_EVENT, ChatFeatureWatch
 from featurewatch.pack import DEFAULT_PACK
-
-from _langchain_helpers import Passes, lc_detectors
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""FeatureWatchCallbackHandler on the real LangChain runtime: ChatHuggingFace / HuggingFacePipeline on the embedded model.
+"""FeatureWatchCallbackHandler on the real LangChain runtime: ChatHuggingFace/HuggingFacePipeline, embedded model.
 
 One monitor for the module, with two deterministic detectors copied from the
 shipped pack: ``always`` alerts on every prompt, ``stop-now`` blocks at the
@@ -13,22 +13,20 @@ import io
 import json
 import logging
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
-from featurewatch import GenerationBlocked, Monitor
-from featurewatch.alertlog import JsonAlertLog
-from featurewatch.errors import ConfigError
-from featurewatch.pack import DEFAULT_PACK
-
 from _langchain_helpers import Passes, lc_detectors
-
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
 
+from featurewatch import GenerationBlocked, Monitor
+from featurewatch.alertlog import JsonAlertLog
+from featurewatch.errors import ConfigError
 from featurewatch.integrations.langchain import FeatureWatchCallbackHandler
+from featurewatch.pack import DEFAULT_PACK
 
 pytestmark = pytest.mark.slow
 

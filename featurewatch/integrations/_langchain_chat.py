@@ -152,8 +152,9 @@ class ChatFeatureWatch(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="featurewatch", ls_model_name=kwargs.get("model", self.name_of_model),
-                      ls_max_tokens=self.max_new_tokens)
+        params["ls_provider"] = "featurewatch"
+        params["ls_model_name"] = kwargs.get("model", self.name_of_model)
+        params["ls_max_tokens"] = self.max_new_tokens
         if self.temperature is not None:
             params["ls_temperature"] = self.temperature
         if stop or self.stop:
@@ -191,7 +192,8 @@ class ChatFeatureWatch(BaseChatModel):
         return bool(kwargs.get("stream")) and super()._should_stream(async_api=async_api,
                                                                      run_manager=run_manager, **kwargs)
 
-    def _run(self, run_manager: Any, kwargs: dict[str, Any], manager_cls: type) -> tuple[str, Any]:
+    def _run(self, run_manager: Any, kwargs: dict[str, Any],
+             manager_cls: type[CallbackManager | AsyncCallbackManager]) -> tuple[str, Any]:
         """The run id, and a callback manager that reaches the run's handlers (None: no events)."""
         key = kwargs.pop(_RUN_KWARG, None)
         if run_manager is not None:
@@ -287,7 +289,9 @@ class ChatFeatureWatch(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         run_id, events = self._run(run_manager, kwargs, CallbackManager)
-        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=False, run_manager=run_manager)
+        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
+        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=False,
+                                                                          run_manager=run_manager)
         parts: list[str] = []
         for kind, payload in self._events(messages, stop, run_id, kwargs):
             if kind == "text":
@@ -309,7 +313,9 @@ class ChatFeatureWatch(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
-        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=True, run_manager=run_manager)
+        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
+        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=True,
+                                                                          run_manager=run_manager)
         parts: list[str] = []
         async for kind, payload in self._aevents(messages, stop, run_id, kwargs):
             if kind == "text":

@@ -124,11 +124,12 @@ class _Binder:
         special = set(getattr(self.monitor.tokenizer, "all_special_ids", []) or [])
         claims: list[tuple[_Run, int] | None] = []
         with self.lock:
-            free = [run for run in self.pending if run.session is None and run.rendered is not None]
+            free = [(run, run.rendered) for run in self.pending if run.session is None and run.rendered is not None]
             for row in rows:
-                hit = next(((run, p) for run in free if (p := _claim(row, run.rendered, special)) is not None), None)
+                hit = next(((run, p) for run, rendered in free if (p := _claim(row, rendered, special)) is not None),
+                           None)
                 if hit is not None:
-                    free.remove(hit[0])
+                    free = [f for f in free if f[0] is not hit[0]]
                     hit[0].session = _CLAIMED  # taken: no other generate() may bind it
                 claims.append(hit)
         if not any(claims):
@@ -138,7 +139,8 @@ class _Binder:
         for r, hit in enumerate(claims):
             where = keep[r].nonzero().flatten().tolist()
             flags = [False] * width
-            marks = ([False] * hit[1] + list(hit[0].rendered.content)) if hit else [True] * len(where)
+            rendered = hit[0].rendered if hit else None
+            marks = [False] * hit[1] + list(rendered.content) if hit and rendered else [True] * len(where)
             for pos, flag in zip(where, marks):
                 flags[pos] = flag
             content.append(flags)
@@ -261,7 +263,7 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
         rendered = render_text(prompts[0], self.monitor.tokenizer) if prompts and prompts[0].strip() else None
         self._start(run_id, rendered, parent_run_id, tags, metadata)
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.mode == "enforce":
             self._raise_if_blocked(str(run_id))
 
