@@ -8,16 +8,22 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_sae
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
-from featurewatch.errors import (ConfigError, FeatureOutOfRange, FeatureWatchError, GenerationBlocked,
-                                 HookpointNotFound, MonitorError, WidthMismatch)
+from featurewatch.errors import (
+    ConfigError,
+    FeatureOutOfRange,
+    FeatureWatchError,
+    GenerationBlocked,
+    HookpointNotFound,
+    MonitorError,
+    WidthMismatch,
+)
 from featurewatch.hooks import unwrap
 from featurewatch.monitor import Monitor
 from featurewatch.session import current_session
 from featurewatch.sinks import BaseSink
-
-from conftest import build_sae
 
 HP = "layers.1"
 WATCH = [0, 3, 5, 9]
@@ -125,10 +131,10 @@ def test_concurrent_threads_never_see_each_others_readings(monitor: Monitor) -> 
 def test_hooks_are_removed_on_exit_even_after_an_exception(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     layer = tiny_llama.model.layers[1]
     before = (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks))
-    with pytest.raises(RuntimeError, match="boom"):
-        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]}):
-            assert len(layer._forward_hooks) == before[0] + 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), \
+            Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]}):
+        assert len(layer._forward_hooks) == before[0] + 1
+        raise RuntimeError("boom")
     assert (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks)) == before
 
 
@@ -183,13 +189,41 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
 def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     assert not issubclass(GenerationBlocked, FeatureWatchError)
     with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m:
-        with pytest.raises(GenerationBlocked) as info:
-            m.generate("abc", max_new_tokens=20, min_new_tokens=0)
+                 detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m, \
+            pytest.raises(GenerationBlocked) as info:
+        m.generate("abc", max_new_tokens=20, min_new_tokens=0)
     result = info.value.result
     assert result.outcome == "blocked"
     assert len(result.token_ids) < 20
     assert info.value.alert.action == "block"
+
+
+def test_generate_takes_the_run_id_and_keeps_the_callers_stopping_criteria(tiny_llama: Any,
+                                                                         tiny_tokenizer: Any) -> None:
+    calls: list[int] = []
+
+    def stop_after_two(input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return torch.full((input_ids.shape[0],), len(calls) >= 2, dtype=torch.bool)
+
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
+                 detectors=[spec(threshold=-1000.0, phases=["prompt"])]) as m:
+        result = m.generate("abc", max_new_tokens=10, min_new_tokens=0, run_id="trace-7",
+                            stopping_criteria=[stop_after_two])
+    assert result.run_id == "trace-7" and result.alerts[0].run_id == "trace-7"
+    assert len(result.token_ids) == 2
+
+
+def test_a_shadow_session_reports_a_block_without_blocking(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
+                 detectors=[spec(threshold=-1000.0, action="block", phases=["prompt", "completion"])]) as m:
+        ids = torch.tensor([tiny_tokenizer.encode("abcd")])
+        with m.session(blocking=False) as shadow:
+            tiny_llama(ids)
+        with m.session() as enforced:
+            tiny_llama(ids)
+    assert [a.action for a in shadow.result().alerts] == ["block"] and shadow.result().outcome == "completed"
+    assert enforced.result().outcome == "blocked"
 
 
 def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_term(
