@@ -51,8 +51,7 @@ def model_dir() -> Path:
     if not (MODEL_DIR / "config.json").is_file():
         tmp = MODEL_DIR.with_name(MODEL_DIR.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([str(VLLM_PY), "-c", "import sys; from featurewatch.export import export_model; "
-                        "export_model(sys.argv[1], overwrite=True)", str(tmp)],
+        subprocess.run([str(VLLM_VENV / "bin" / "featurewatch"), "export-model", "--out", str(tmp)],
                        check=True, env=_env(), timeout=900)
         tmp.rename(MODEL_DIR)
     return MODEL_DIR

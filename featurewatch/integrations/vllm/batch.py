@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...positions import StepTokens
+from ...positions import StepTokens, excluded
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def step_tokens(scheduled: Sequence[Scheduled], positions: Tensor, token_ids: Te
     index = torch.cat(rows)
     position = positions.detach().cpu().long()[index]
     ids = token_ids.detach().cpu().long()[index]
-    # the first token of a request is the attention sink (no padding in vLLM: position 0)
-    steerable = ~torch.isin(ids, special) & (position != 0)
+    # the one exclusion rule; a request's attention sink is position 0 (vLLM pads no request)
+    steerable = ~excluded(ids.unsqueeze(0), position, torch.zeros(1, dtype=torch.long), special)[0]
     return StepTokens(run=torch.cat(runs), position=position, completion=position >= torch.cat(n_prompt),
                       read=steerable & torch.cat(content_rows), steerable=steerable, token_id=ids)
 
