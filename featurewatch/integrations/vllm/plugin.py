@@ -141,8 +141,8 @@ def _patch_engine_args() -> None:
         self.enable_prefix_caching = False
         return create(self, *args, **kwargs)
 
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
-    EngineArgs._featurewatch_patched = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._featurewatch_patched = True
 
 
 _API_SERVER_MODULES = ("vllm.entrypoints.cli.serve", "vllm.entrypoints.openai.api_server",
