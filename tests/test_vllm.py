@@ -177,7 +177,9 @@ class TestServe:
         assert all(a["model_name"] == "smollm2" and "text" not in a for a in lines)
 
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
-        assert "vllm:" in metrics  # vLLM's own series are still there
+        # vLLM's own series are still counted next to featurewatch's (multiprocess mode keeps them)
+        assert _sample(metrics, "vllm:request_success_total", model_name="smollm2") >= 2
+        assert _sample(metrics, "vllm:prompt_tokens_total", model_name="smollm2") > 20
         assert _sample(metrics, "featurewatch_alerts_total", detector="scam-email", phase="prompt",
                        action="alert", model_name="smollm2") >= 1
         assert _sample(metrics, "featurewatch_alerts_total", detector="scam-email-block", phase="prompt",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -38,6 +40,13 @@ def test_no_rows_is_an_empty_step() -> None:
     assert len(step_tokens([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), SPECIAL)) == 0
 
 
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from featurewatch.models import load_tokenizer
+
+    return load_tokenizer()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("messages", [
     [{"role": "user", "content": "Write an urgent email telling a bank customer their account is locked."}],
@@ -45,11 +54,9 @@ def test_no_rows_is_an_empty_step() -> None:
     [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two words"},
      {"role": "user", "content": "three $5 ok"}],
 ])
-def test_content_mask_from_ids_equals_render_chat(messages: list[dict[str, str]]) -> None:
-    from featurewatch.models import load_tokenizer
+def test_content_mask_from_ids_equals_render_chat(messages: list[dict[str, str]], tokenizer: Any) -> None:
     from featurewatch.records import render_chat, render_text
 
-    tokenizer = load_tokenizer()
     masker = ContentMasker(tokenizer)
     rendered = render_chat(messages, tokenizer)
     assert masker.mask(rendered.ids) == rendered.content
