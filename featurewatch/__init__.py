@@ -20,8 +20,10 @@ _EXPORTS = {
     "DetectorSpec": "detector",
     "FeatureWatchError": "errors",
     "GenerationBlocked": "errors",
-    "GenerationResult": "monitor",
+    "GenerationResult": "generation",
+    "Intervention": "intervention",
     "Monitor": "monitor",
+    "BaseSink": "sinks",
     "load_pack": "pack",
     "SparseAutoencoder": "sae",
 }
@@ -31,9 +33,12 @@ if TYPE_CHECKING:
     from .alert import Alert, RunResult
     from .detector import DetectorSpec
     from .errors import FeatureWatchError, GenerationBlocked
-    from .monitor import GenerationResult, Monitor
+    from .generation import GenerationResult
+    from .intervention import Intervention
+    from .monitor import Monitor
     from .pack import load_pack
     from .sae import SparseAutoencoder
+    from .sinks import BaseSink
 
 
 def __getattr__(name: str) -> Any:

@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(paint("\n▶ " + shown, "1", color), flush=True)
             streamer = None if args.json else _Printer(monitor.tokenizer)
             try:
-                result = monitor.generate(prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                result = monitor.generate(prompt, max_new_tokens=args.max_new_tokens, top_features=args.top_k,
                                           streamer=streamer)
             except GenerationBlocked as blocked:
                 result = blocked.result

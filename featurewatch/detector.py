@@ -7,7 +7,7 @@ fires when the pooled score crosses its threshold. Scores are in logit units
 when the detector was calibrated by logistic regression.
 
 Specs are pydantic models serialised as JSON, one file per detector in a pack
-(DESIGN.md §4.3). Unknown keys are errors.
+(see docs/architecture.md, "Pack layout"). Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -50,7 +50,13 @@ class Pooling(BaseModel):
         "ewma: the highest value of an exponentially weighted moving average"))
     alpha: float = Field(default=0.2, gt=0, le=1, description="EWMA weight of the newest token")
     min_tokens: int = Field(default=4, ge=1, description=(
-        "tokens a phase must have before the pooled score can fire (a mean over 1 token is noise)"))
+        "scoreable tokens a phase must have before it can fire, at the end of a run too "
+        "(a mean over 2 tokens is noise)"))
+    prior_score: float | None = Field(default=None, description=(
+        "mean pooling: the score a text with no evidence gets; the mean is shrunk toward it"))
+    prior_tokens: float = Field(default=0.0, ge=0, description=(
+        "mean pooling: weight of prior_score, in tokens: value = (Σ scores + prior_tokens·prior_score) / "
+        "(n + prior_tokens)"))
 
 
 class Calibration(BaseModel):
@@ -84,7 +90,10 @@ class DetectorSpec(BaseModel):
         "kind probe: safetensors file (relative to the spec) with 'weight' (d_model,)"))
     bias: float = 0.0
     pooling: Pooling = Pooling()
-    threshold: float
+    threshold: float = Field(description="fire when the pooled score reaches this (the combined score's, and "
+                             "each phase's unless phase_thresholds overrides it)")
+    phase_thresholds: dict[Phase, float] = Field(default_factory=dict, description=(
+        "per-phase thresholds (e.g. a reply calibrated apart from a prompt); phases not named use threshold"))
     hysteresis: float = Field(default=0.0, ge=0, description=(
         "after firing, the pooled score must fall below threshold − hysteresis to re-arm"))
     cooldown_tokens: int = Field(default=0, ge=0, description="tokens after an alert before it may fire again")
@@ -99,6 +108,10 @@ class DetectorSpec(BaseModel):
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+    def threshold_for(self, phase: Phase) -> float:
+        """The threshold a phase fires at."""
+        return self.phase_thresholds.get(phase, self.threshold)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "DetectorSpec":
@@ -116,6 +129,11 @@ class DetectorSpec(BaseModel):
             raise ValueError("a probe detector needs 'probe_weights' (a safetensors file)")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError("'phases' must not repeat a phase")
+        if any(not math.isfinite(t) for t in self.phase_thresholds.values()):
+            raise ValueError("'phase_thresholds' must be finite numbers")
+        if set(self.phase_thresholds) - set(self.phases):
+            raise ValueError(f"'phase_thresholds' names phases the detector does not watch: "
+                             f"{sorted(set(self.phase_thresholds) - set(self.phases))}; it watches {self.phases}")
         return self
 
     def save(self, path: str | Path) -> Path:

@@ -77,14 +77,22 @@ class MonitorError(FeatureWatchError, RuntimeError):
 
 
 class GenerationBlocked(Exception):
-    """A detector with ``action="block"`` stopped the generation.
+    """A detector with ``action="block"`` stopped a generation.
 
-    Carries the partial :class:`~featurewatch.monitor.GenerationResult` so the
-    application can still log or show what was produced before the stop.
+    ``alert`` is the first blocking alert; ``results`` always holds every
+    :class:`~featurewatch.generation.GenerationResult` of the call (one per prompt),
+    partial text included, so the application can still log or show what was produced
+    before the stop; ``result`` is the blocked one.
     """
 
-    def __init__(self, alert: Any, result: Any = None) -> None:
+    def __init__(self, alert: Any, results: list[Any] | None = None) -> None:
         super().__init__(f"generation blocked by detector {alert.detector!r} "
                          f"(score {alert.score:.3g} >= threshold {alert.threshold:.3g})")
         self.alert = alert
-        self.result = result
+        self.results: list[Any] = list(results or [])
+
+    @property
+    def result(self) -> Any:
+        """The blocked generation's result (the first blocked one in a batch)."""
+        blocked = [r for r in self.results if getattr(r, "outcome", None) == "blocked"]
+        return (blocked or self.results or [None])[0]

@@ -1,9 +1,10 @@
 """Forward hooks: reading activations and stopping the forward pass early.
 
 Everything here is about *registering and always removing* hooks. The hot
-path of live monitoring lives in :mod:`featurewatch.monitor`; offline work
-(scoring, harvesting for training) uses :func:`forward_until`, which stops the
-model after the deepest layer it needs — no later layers, no LM head.
+path of live monitoring is wired in :mod:`featurewatch.monitor`; offline work
+that needs raw activations (harvesting for SAE training, calibration caches)
+uses :func:`forward_until`, which stops the model after the deepest layer it
+needs — no later layers, no LM head.
 """
 
 from __future__ import annotations

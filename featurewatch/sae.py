@@ -134,15 +134,11 @@ class SparseAutoencoder(nn.Module):
         Exact for element-wise activations (one encoder column per feature);
         TopK needs every pre-activation and so encodes in full, then selects.
         """
-        idx = torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
-            from .errors import FeatureOutOfRange
+        return self.subset(features)(x)
 
-            raise FeatureOutOfRange(f"feature ids must be in 0 … {self.d_sae - 1}; got {idx.tolist()}")
-        if not self.elementwise:
-            return self.encode(x).index_select(-1, idx)
-        pre = self._prepare(x) @ self.W_enc.index_select(1, idx) + self.b_enc.index_select(0, idx)
-        return self._activate(pre, self.threshold.index_select(0, idx))
+    def subset(self, features: Sequence[int] | Tensor) -> "SubsetEncoder":
+        """An encoder for ``features`` only, with their encoder columns sliced once (the hot path's view)."""
+        return SubsetEncoder(self, features)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction ``(..., d_in)`` from feature activations ``(..., d_sae)``."""
@@ -214,3 +210,35 @@ class SparseAutoencoder(nn.Module):
 
         sae = _sae_formats.load(Path(path), input_scale=input_scale)
         return sae.to(device=device, dtype=dtype)
+
+
+class SubsetEncoder:
+    """Encodes a fixed set of an SAE's features: ``encoder(x)`` is ``sae.encode(x)[..., features]``.
+
+    For element-wise SAEs (standard, JumpReLU) the encoder columns of the chosen
+    features are sliced once, so encoding costs ``d_in × len(features)`` instead of
+    ``d_in × d_sae``; TopK needs every pre-activation and encodes in full.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, features: Sequence[int] | Tensor) -> None:
+        idx = torch.as_tensor(features, dtype=torch.long, device=sae.W_enc.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae):
+            from .errors import FeatureOutOfRange
+
+            raise FeatureOutOfRange(f"feature ids must be in 0 … {sae.d_sae - 1}; got {idx.tolist()}")
+        self.sae = sae
+        self.features: list[int] = idx.tolist()
+        self._idx = idx
+        if sae.elementwise:
+            self._W_enc = sae.W_enc.index_select(1, idx).contiguous()
+            self._b_enc = sae.b_enc.index_select(0, idx)
+            self._threshold = sae.threshold.index_select(0, idx)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        sae = self.sae
+        if not sae.elementwise:
+            return sae.encode(x).index_select(-1, self._idx)
+        return sae._activate(sae._prepare(x) @ self._W_enc + self._b_enc, self._threshold)

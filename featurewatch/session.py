@@ -1,24 +1,36 @@
-"""Per-run state: readings, pooled scores, alerts, interventions in force.
+"""Sessions: the state of one monitored call, its results and its token-by-token readings.
 
-The hook owns only the hot path; everything a run accumulates lives here, one
+The hooks own only the hot path; everything a run accumulates lives here, one
 :class:`Session` per monitored call (one :class:`RunState` per batch row), so
 concurrent runs never mix. The monitor finds the active session through a
 context variable: each thread (and each asyncio task) has its own.
+
+A session is single-use: entered once, ended once (``on_run_end`` reaches the
+sinks exactly once per run). Everything it stores is detached from autograd.
+Readings keep the watched features of every token (a few hundred floats); the
+strongest features of each token are computed only when asked for, from the
+residuals a session keeps when it was opened with ``top_features > 0``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .alert import Alert, RunResult
+from .alert import COMPLETION, PROMPT, Alert, RunResult
+from .errors import ConfigError
 from .pooling import PhasePool
+from .positions import PositionTracker, StepTokens
+
+if TYPE_CHECKING:
+    from .readout import Readout
 
 
 class TokenReading(NamedTuple):
@@ -29,11 +41,11 @@ class TokenReading(NamedTuple):
     text: str
     phase: str
     excluded: bool
-    """Attention sink, special token or padding: kept out of detection."""
+    """Not read by detectors: attention sink, special token, padding, chat markup or system prompt."""
     features: dict[int, float]
     """Watched features' activations (non-zero only)."""
     top: list[tuple[int, float]]
-    """Strongest features at this position (only when the session asked for ``top_k``)."""
+    """Strongest features at this position (only when the session asked for ``top_features``)."""
 
 
 @dataclass
@@ -42,18 +54,17 @@ class RunState:
 
     run_id: str
     started_at: float
-    n_prompt: int | None = None
     token_ids: list[int] = field(default_factory=list)
-    excluded: list[bool] = field(default_factory=list)
-    phases: list[str] = field(default_factory=list)
+    read: list[bool] = field(default_factory=list)
+    completion: list[bool] = field(default_factory=list)
     watched: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, m) chunks
-    top: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    residuals: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, d) fp16 chunks
     pools: dict[tuple[str, str], PhasePool] = field(default_factory=dict)  # (detector, phase)
     combined: dict[str, PhasePool] = field(default_factory=dict)  # detector -> all watched phases
     feature_sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (hookpoint, phase) -> (m,)
     feature_counts: dict[tuple[str, str], int] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
-    suppressed: dict[str, Tensor] = field(default_factory=dict)  # hookpoint -> bool (m,) features to ablate
+    fired: dict[str, int] = field(default_factory=dict)  # detector -> position of its first alert
     blocked: bool = False
     degraded: bool = False
 
@@ -63,53 +74,142 @@ class Session:
 
     Use it through :meth:`Monitor.session` when driving the model yourself::
 
-        with monitor.session(top_k=5) as session:
+        with monitor.session(top_features=5) as session:
             model(**inputs)
         results = session.results()
     """
 
-    def __init__(self, batch_size: int, *, top_k: int = 0, capture_text: bool = True,
-                 stop_after_deepest: bool = False, n_prompt: list[int] | None = None,
-                 run_ids: list[str] | None = None, clock: Any = time.time) -> None:
+    def __init__(self, batch_size: int, *, readouts: Sequence[Readout], tokenizer: Any, model_name: str,
+                 special_ids: Sequence[int], top_features: int = 0, capture_text: bool = True,
+                 stop_after_deepest: bool = False, n_prompt: Sequence[int] | None = None,
+                 content: Sequence[Sequence[bool]] | None = None, run_ids: Sequence[str] | None = None,
+                 interventions: Sequence[Any] = (), clock: Callable[[], float] = time.time,
+                 on_end: Callable[[Session, bool], None] | None = None) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}; a session needs at least one run")
+        if run_ids is not None and len(run_ids) != batch_size:
+            raise ConfigError(f"{len(run_ids)} run_ids for a batch of {batch_size}")
         now = clock()
-        ids = run_ids or [uuid.uuid4().hex for _ in range(batch_size)]
+        ids = list(run_ids) if run_ids is not None else [uuid.uuid4().hex for _ in range(batch_size)]
         self.rows = [RunState(run_id=r, started_at=now) for r in ids]
-        if n_prompt is not None:
-            for row, n in zip(self.rows, n_prompt):
-                row.n_prompt = n
-        self.top_k = top_k
+        self.positions = PositionTracker(batch_size, special_ids, n_prompt=n_prompt, content=content)
+        self.readouts = list(readouts)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.top_features = top_features
         self.capture_text = capture_text
         self.stop_after_deepest = stop_after_deepest
+        self.interventions = list(interventions)
         self.clock = clock
-        self.n_seen = 0
-        self.step_start = 0
-        self.step_new = 0
-        self.step_excluded = torch.zeros(batch_size, 0, dtype=torch.bool)
         self.step_seconds = 0.0
-        self.first_real: Tensor | None = None
-        self.outcome_error = False
-        self._monitor: Any = None
-        self._token: Any = None
+        self.error = False
+        self.detached = False
+        self.owner: Any = None  # the monitor whose hooks serve this session
+        self.steering: dict[str, Any] = {}  # this call's compiled interventions, by hookpoint
+        self._on_end = on_end
+        self._state = "new"
+        self._token: Token[Session | None] | None = None
 
-    # -- context management (wired by the monitor) -----------------------------------
-    def __enter__(self) -> "Session":
-        if self._monitor is None:
-            raise RuntimeError("create sessions with Monitor.session()")
+    # -- context management ------------------------------------------------------------
+    def __enter__(self) -> Session:
+        if self._state != "new":
+            raise ConfigError("a session is single-use: open a new one with monitor.session()")
+        self._state = "open"
         self._token = _current.set(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._token is not None
         _current.reset(self._token)
-        self._monitor._end_session(self, error=exc_type is not None)
+        self._state = "ended"
+        self.error = exc_type is not None
+        if self.detached:
+            for row in self.rows:
+                row.degraded = True
+        if self._on_end is not None:
+            self._on_end(self, self.error)
 
-    # -- reading results -------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        return self._state == "ended"
+
+    def mark_degraded(self) -> None:
+        """A monitoring fault touched this call: every run's result says so."""
+        for row in self.rows:
+            row.degraded = True
+
+    # -- what the hooks record -----------------------------------------------------------
+    def record_step(self, tokens: StepTokens) -> None:
+        """Append a forward pass's new tokens to their runs."""
+        self.step_seconds = 0.0
+        runs, ids = tokens.run.tolist(), tokens.token_id.tolist()
+        read, completion = tokens.read.tolist(), tokens.completion.tolist()
+        for i, r in enumerate(runs):
+            row = self.rows[r]
+            row.token_ids.append(ids[i])
+            row.read.append(read[i])
+            row.completion.append(completion[i])
+
+    def keep(self, hookpoint: str, tokens: StepTokens, feats: Tensor, residuals: Tensor | None) -> None:
+        """Keep a step's watched features (CPU) and, when readings want top features, its residuals."""
+        for r, row in enumerate(self.rows):
+            sel = tokens.run == r
+            row.watched.setdefault(hookpoint, []).append(feats[sel])
+            if residuals is not None:
+                row.residuals.setdefault(hookpoint, []).append(residuals[sel.to(residuals.device)].half().cpu())
+
+    # -- results -----------------------------------------------------------------------
+    def result(self, row: int = 0) -> RunResult:
+        """The :class:`RunResult` of one batch row so far."""
+        run = self.rows[row]
+        scores = {name: pool.value for name, pool in run.combined.items() if pool.n}
+        phase_scores: dict[str, dict[str, float]] = {}
+        for (name, phase), pool in run.pools.items():
+            if pool.n:
+                phase_scores.setdefault(phase, {})[name] = pool.value
+        outcome = "error" if self.error else "blocked" if run.blocked else "completed"
+        return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
+                         phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
+                         degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())
+
     def results(self) -> list[RunResult]:
         """One :class:`RunResult` per batch row."""
-        return [self._monitor._run_result(self, row) for row in self.rows]
+        return [self.result(r) for r in range(len(self.rows))]
 
     def readings(self, row: int = 0, hookpoint: str | None = None) -> list[TokenReading]:
         """Token-by-token readings of one batch row at one hookpoint (the first by default)."""
-        return self._monitor._readings(self, self.rows[row], hookpoint)
+        readout = self._readout(hookpoint)
+        run = self.rows[row]
+        chunks = run.watched.get(readout.hookpoint, [])
+        watched = torch.cat(chunks) if chunks else torch.zeros(0, len(readout.feature_ids))
+        top_vals = top_ids = None
+        residuals = run.residuals.get(readout.hookpoint)
+        if residuals and readout.sae is not None:
+            acts = readout.sae.encode(torch.cat(residuals).float())
+            top_vals, top_ids = acts.topk(min(self.top_features, readout.sae.d_sae), dim=-1)
+        out = []
+        for pos, tid in enumerate(run.token_ids[: watched.shape[0]]):
+            acts_at = watched[pos]
+            top = []
+            if top_vals is not None and top_ids is not None:
+                top = [(int(i), float(v)) for v, i in zip(top_vals[pos], top_ids[pos]) if v > 0]
+            text = self.tokenizer.decode([tid]) if self.tokenizer is not None and tid >= 0 else ""
+            out.append(TokenReading(pos, tid, text, COMPLETION if run.completion[pos] else PROMPT,
+                                    not run.read[pos],
+                                    {readout.feature_ids[i]: float(acts_at[i]) for i in acts_at.nonzero().flatten()},
+                                    top))
+        return out
+
+    def _readout(self, hookpoint: str | None) -> Readout:
+        if not self.readouts:
+            raise ConfigError("this monitor reads no hookpoint: give it a pack, detectors or saes")
+        if hookpoint is None:
+            return self.readouts[0]
+        for r in self.readouts:
+            if r.hookpoint == hookpoint:
+                return r
+        raise ConfigError(f"no readings at {hookpoint!r}; watched hookpoints: "
+                          f"{', '.join(r.hookpoint for r in self.readouts)}")
 
 
 _current: ContextVar[Session | None] = ContextVar("featurewatch_session", default=None)
@@ -118,7 +218,3 @@ _current: ContextVar[Session | None] = ContextVar("featurewatch_session", defaul
 def current_session() -> Session | None:
     """The session active in this thread / task, if any."""
     return _current.get()
-
-
-def concat(chunks: list[Tensor], width: int) -> Tensor:
-    return torch.cat(chunks) if chunks else torch.zeros(0, width)

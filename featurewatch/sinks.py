@@ -8,9 +8,14 @@ stage ``"sink"``), and carries on — unless the monitor is fail-closed.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from .alert import Alert, RunResult
+from .errors import MonitorError
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -59,3 +64,61 @@ class BaseSink:
 
     def on_detach(self) -> None:
         pass
+
+
+class Fanout:
+    """Delivers monitor events to every sink and callback under the fault policy.
+
+    Fail-open (default): a sink or callback that raises is logged once per (stage, kind of
+    error), reported to the other sinks as ``on_error(stage="sink"|"callback")``, and the
+    delivery returns False so the caller can mark its run degraded. Fail-closed: the fault
+    is raised as :class:`~featurewatch.errors.MonitorError`.
+    """
+
+    def __init__(self, sinks: Sequence[Any], callbacks: Sequence[Callable[[Alert], Any]], *,
+                 fail_closed: bool) -> None:
+        self.sinks = list(sinks)
+        self.callbacks = list(callbacks)
+        self.fail_closed = fail_closed
+        self._warned: set[tuple[str, str]] = set()
+
+    def emit(self, method: str, *args: Any, **kwargs: Any) -> bool:
+        """Call ``method`` on every sink that has it; False when one of them failed (fail-open)."""
+        ok = True
+        for sink in self.sinks:
+            fn = getattr(sink, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 — sinks never break generation (fail-open)
+                ok = False
+                self.fault(f"sink {type(sink).__name__}.{method}", exc, stage="sink", skip=sink)
+        return ok
+
+    def alert(self, alert: Alert) -> bool:
+        """Deliver an alert to the callbacks, then the sinks."""
+        ok = True
+        for callback in self.callbacks:
+            try:
+                callback(alert)
+            except Exception as exc:  # noqa: BLE001 — a user callback must not kill generation
+                ok = False
+                self.fault("on_alert callback", exc, stage="callback")
+        return self.emit("on_alert", alert) and ok
+
+    def fault(self, where: str, exc: BaseException, *, stage: str, skip: Any = None) -> None:
+        """Apply the fault policy to an exception raised in ``where``."""
+        if self.fail_closed:
+            raise MonitorError(f"featurewatch fault in {where}: {type(exc).__name__}: {exc}") from exc
+        key = (where, type(exc).__name__)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.error("featurewatch fault in %s (the run goes on, marked degraded): %s", where, exc,
+                         exc_info=exc)
+        for sink in self.sinks:
+            if sink is not skip and hasattr(sink, "on_error"):
+                try:
+                    sink.on_error(stage=stage, error=exc)
+                except Exception:  # noqa: BLE001 — reporting a fault must not raise another
+                    pass

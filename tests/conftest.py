@@ -55,16 +55,19 @@ class TinyTokenizer:
     def encode(self, text: str) -> list[int]:
         return [2] + [3 + (ord(c) - ord("a")) % 26 for c in text.lower() if c.isalpha()]
 
-    def __call__(self, texts: list[str], return_tensors: str = "pt", padding: bool = True,
-                 add_special_tokens: bool = True) -> Any:
+    def __call__(self, texts: str | list[str], return_tensors: str | None = None, padding: bool = False,
+                 add_special_tokens: bool = True, return_offsets_mapping: bool = False) -> Any:
+        """One string → ``{"input_ids": [...]}``; a list → a padded batch (like a slow HF tokenizer)."""
         from transformers import BatchEncoding
 
+        if return_offsets_mapping:
+            raise NotImplementedError("slow tokenizers have no offset mapping")
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts)}
         rows = [self.encode(t) for t in texts]
         width = max(len(r) for r in rows)
-        left = self.padding_side == "left"
-        ids = [([0] * (width - len(r)) + r) if left else (r + [0] * (width - len(r))) for r in rows]
-        mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
-                for r in rows]
+        ids = [r + [0] * (width - len(r)) for r in rows]
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
         return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
 
 

@@ -56,7 +56,7 @@ NEGATIVES = {
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Any:
     m = Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", model_name=smollm.name,
-                on_error="raise")
+                fail_closed=True)
     yield m
     m.detach()
 
@@ -70,7 +70,7 @@ def test_generation_reads_one_new_position_per_decode_step(monitor: Monitor) -> 
 
     monitor.sinks.append(Count())
     try:
-        result = monitor.generate("Name three colours.", max_new_tokens=8, min_new_tokens=8, top_k=3,
+        result = monitor.generate("Name three colours.", max_new_tokens=8, min_new_tokens=8, top_features=3,
                                   raise_on_block=False)
     finally:
         monitor.sinks.pop()
@@ -109,7 +109,7 @@ def test_deception_ranks_the_cover_up_above_the_honest_admission(monitor: Monito
 
 def test_a_dangerous_request_alerts_during_generation_with_labelled_evidence(monitor: Monitor) -> None:
     seen: list[tuple[str, int]] = []
-    monitor.on_alert.append(lambda a: seen.append((a.detector, current_session().n_seen)))  # type: ignore[union-attr]
+    monitor.on_alert.append(lambda a: seen.append((a.detector, current_session().positions.n_seen)))  # type: ignore[union-attr]
     try:
         try:
             result = monitor.generate(POSITIVES["dangerous-content"]["messages"], max_new_tokens=6)
@@ -120,7 +120,8 @@ def test_a_dangerous_request_alerts_during_generation_with_labelled_evidence(mon
     alert = next(a for a in result.alerts if a.detector == "dangerous-content")
     assert alert.phase == "prompt" and alert.score >= alert.threshold and alert.text
     assert alert.evidence and all(e.label for e in alert.evidence)
-    assert ("dangerous-content", alert.span[1]) in seen or seen  # delivered from inside the forward pass
+    n_prompt = sum(r.phase == "prompt" for r in result.readings())
+    assert ("dangerous-content", n_prompt) in seen  # delivered from inside the prefill's forward pass
     assert not math.isnan(result.scores["dangerous-content"])
 
 

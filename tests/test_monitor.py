@@ -38,7 +38,7 @@ def spec(**kw: Any) -> DetectorSpec:
 @pytest.fixture()
 def monitor(tiny_llama: Any, tiny_tokenizer: Any) -> Any:
     m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()], watch={HP: WATCH},
-                on_error="raise")
+                fail_closed=True)
     yield m
     m.detach()
 
@@ -68,7 +68,7 @@ def test_generate_reads_every_new_position_once_with_the_kv_cache(monitor: Monit
     assert [r.excluded for r in readings] == [r.position == 0 or r.token_id in (0, 1) for r in readings]
     # values equal a reference forward over the full sequence
     full = torch.tensor([[r.token_id for r in readings]])
-    ref = reference_features(tiny_llama, full, torch.ones_like(full), monitor._plans[0].sae)[0]
+    ref = reference_features(tiny_llama, full, torch.ones_like(full), monitor.readouts[0].sae)[0]
     for r in readings:
         expected = {f: float(ref[r.position, i]) for i, f in enumerate(sorted(WATCH))}
         assert r.features.keys() <= set(WATCH)
@@ -158,8 +158,6 @@ def test_bad_configuration_fails_at_attach_with_the_valid_choices(tiny_llama: An
         Monitor(tiny_llama, tiny_tokenizer, saes={HP: build_sae(8, 12)})
     with pytest.raises(FeatureOutOfRange, match="0 … 11"):
         Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [12]})
-    with pytest.raises(ConfigError, match="on_error"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, on_error="ignore")  # type: ignore[arg-type]
     assert len(tiny_llama.model.layers[1]._forward_hooks) == hooks_before
 
 
@@ -169,9 +167,9 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
     def on_alert(alert: Alert) -> None:
         session = current_session()
         assert session is not None
-        seen_at.append(session.n_seen)
+        seen_at.append(session.positions.n_seen)
 
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, on_alert=on_alert, on_error="raise",
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, on_alert=on_alert, fail_closed=True,
                  detectors=[spec(threshold=-1000.0, phases=["completion"])]) as m:
         result = m.generate("abc", max_new_tokens=6, min_new_tokens=6)
     assert len(result.alerts) == 1 and seen_at
@@ -184,7 +182,7 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
 
 def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     assert not issubclass(GenerationBlocked, FeatureWatchError)
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, on_error="raise",
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
                  detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m:
         with pytest.raises(GenerationBlocked) as info:
             m.generate("abc", max_new_tokens=20, min_new_tokens=0)
@@ -202,7 +200,7 @@ def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_
     layer = tiny_llama.model.layers[1]
     pre = layer.register_forward_hook(lambda m, a, o: raw.append(unwrap(o).clone()), prepend=True)
     try:
-        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae}, on_error="raise",
+        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae}, fail_closed=True,
                      detectors=[spec(threshold=-1000.0, action="suppress", phases=["prompt"])]) as m:
             post = layer.register_forward_hook(lambda m, a, o: captured.append(unwrap(o).clone()))  # after ours
             m.generate("abcd", max_new_tokens=3, min_new_tokens=3)
@@ -244,14 +242,15 @@ def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(tiny_llama: Any
                  detectors=[spec(threshold=-1000.0)]) as m:
         result = m.generate("abc", max_new_tokens=3)
         assert result.alerts and "sink" in rec.stages
-        monkeypatch.setattr(m, "_process", lambda *a: 1 / 0)
+        assert result.degraded  # a sink fault marks the run degraded, as documented
+        monkeypatch.setattr(m, "_read", lambda *a: 1 / 0)
         result = m.generate("abc", max_new_tokens=3)
         assert result.degraded and "hook" in rec.stages
         assert len(result.token_ids) == 3
 
 
 def test_fail_closed_turns_a_fault_into_an_error(monitor: Monitor, monkeypatch: Any) -> None:
-    monkeypatch.setattr(monitor, "_process", lambda *a: 1 / 0)
+    monkeypatch.setattr(monitor, "_read", lambda *a: 1 / 0)
     with pytest.raises(MonitorError, match="ZeroDivisionError"):
         monitor.generate("abc", max_new_tokens=2)
     assert current_session() is None

@@ -9,7 +9,13 @@ from featurewatch.pooling import PhasePool
 
 
 def feed(pool: PhasePool, scores: list[float]) -> list[int]:
-    return [i for i, s in enumerate(scores) if pool.update(s, i)]
+    """One token per forward pass (a decode step each): the positions where the pool fires."""
+    fired = []
+    for i, s in enumerate(scores):
+        pool.extend([s], [i])
+        if pool.check():
+            fired.append(i)
+    return fired
 
 
 def test_mean_pooling_is_the_running_mean_and_fires_once_when_crossing() -> None:
@@ -61,18 +67,44 @@ def test_value_is_nan_before_any_token() -> None:
     assert math.isnan(PhasePool(Pooling(), threshold=0.0).value)
 
 
-def test_unchecked_tokens_pool_but_never_fire_so_a_prefill_is_judged_on_its_whole_mean() -> None:
+def test_a_prefill_is_judged_once_on_its_whole_mean() -> None:
     pool = PhasePool(Pooling(method="mean", min_tokens=1), threshold=2.0)
-    # a prompt whose first tokens score high but whose whole mean is low: checked only at its end
-    fired = [pool.update(s, i, check=(i == 3)) for i, s in enumerate([9.0, 9.0, -8.0, -8.0])]
-    assert fired == [False, False, False, False] and pool.value == pytest.approx(0.5)
+    # a prompt whose first tokens score high but whose whole mean is low: judged at its end only
+    pool.extend([9.0, 9.0, -8.0, -8.0], [0, 1, 2, 3])
+    assert not pool.check() and pool.value == pytest.approx(0.5)
+    assert (pool.first_pos, pool.last_pos) == (0, 3)
 
 
-def test_final_verdict_fires_once_on_the_final_mean_even_below_min_tokens() -> None:
-    pool = PhasePool(Pooling(method="mean", min_tokens=50), threshold=1.0)
-    assert [pool.update(s, i) for i, s in enumerate([2.0, 2.0])] == [False, False]
-    assert pool.final() and pool.span(pool.last_pos) == (0, 2)
-    assert not pool.final()  # already reported
+def test_min_tokens_also_gates_the_final_verdict() -> None:
+    pool = PhasePool(Pooling(method="mean", min_tokens=4), threshold=1.0)
+    pool.extend([5.0, 5.0, 5.0], [0, 1, 2])
+    assert not pool.check() and not pool.final()  # three tokens: too few to judge, even at the end
+    pool.extend([5.0], [3])
+    assert pool.final() and pool.span(pool.last_pos) == (0, 4)
+    assert not pool.final()  # reported once
+
+
+def test_final_verdict_is_the_final_mean() -> None:
     low = PhasePool(Pooling(method="mean", min_tokens=1), threshold=1.0)
-    low.update(0.5, 0)
+    low.extend([0.5], [0])
     assert not low.final()
+    high = PhasePool(Pooling(method="mean", min_tokens=1), threshold=1.0)
+    high.extend([3.0, -0.5], [0, 1])
+    assert high.final()
+
+
+def test_prior_shrinks_short_texts_toward_the_prior_score() -> None:
+    pooling = Pooling(method="mean", min_tokens=1, prior_score=-4.0, prior_tokens=6.0)
+    short = PhasePool(pooling, threshold=1.0)
+    short.extend([20.0], [0])  # one extreme token
+    assert short.value == pytest.approx((20.0 + 6 * -4.0) / 7)  # -0.57: not an alert
+    assert not short.check()
+    long = PhasePool(pooling, threshold=1.0)
+    long.extend([3.0] * 200, list(range(200)))
+    assert long.value == pytest.approx((600.0 - 24.0) / 206) and long.check()
+
+
+def test_no_prior_means_the_plain_mean() -> None:
+    pool = PhasePool(Pooling(method="mean", min_tokens=1, prior_tokens=5.0), threshold=0.0)  # no prior_score
+    pool.extend([2.0, 4.0], [0, 1])
+    assert pool.value == pytest.approx(3.0)

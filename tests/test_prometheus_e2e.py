@@ -70,7 +70,7 @@ def drive_events(metrics_sink: PrometheusMetrics, smollm: Any) -> Iterator[Event
     """The real monitor on the embedded model with the default pack, attached now (so every child is
     scraped at 0 first); ``run`` generates for real prompts and returns the alerts that fired."""
     monitor = Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", sinks=[metrics_sink],
-                      model_name=smollm.name, on_error="raise")
+                      model_name=smollm.name, fail_closed=True)
 
     def run() -> list[Alert]:
         fired: list[Alert] = []

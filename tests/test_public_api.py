@@ -8,8 +8,8 @@ import featurewatch
 
 def test_public_names_are_locked() -> None:
     assert sorted(featurewatch.__all__) == [
-        "Alert", "DetectorSpec", "FeatureWatchError", "GenerationBlocked", "GenerationResult", "Monitor",
-        "RunResult", "SparseAutoencoder", "load_pack",
+        "Alert", "BaseSink", "DetectorSpec", "FeatureWatchError", "GenerationBlocked", "GenerationResult",
+        "Intervention", "Monitor", "RunResult", "SparseAutoencoder", "load_pack",
     ]
     for name in featurewatch.__all__:
         assert getattr(featurewatch, name) is not None

@@ -1,0 +1,157 @@
+"""Monitored generation: prompts → tokens (with the content mask) → ``model.generate`` inside a session.
+
+Prompts are rendered by the same code as scored records
+(:func:`~featurewatch.records.render_chat`), so live and offline scores agree,
+and left-padded here per call: the shared tokenizer is never mutated, so
+concurrent calls cannot change each other's padding. A ``block`` action stops
+the batch row through a stopping criterion right after the forward pass that
+fired it: no further decode step runs for that row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import Tensor
+
+from .alert import Alert, RunResult
+from .errors import ConfigError, GenerationBlocked
+from .intervention import Intervention
+from .records import ROLES, Rendered, render_chat, render_text
+from .session import Session, TokenReading
+
+if TYPE_CHECKING:
+    from .monitor import Monitor
+
+Prompt = Union[str, Sequence[Mapping[str, str]]]
+
+
+@dataclass
+class GenerationResult:
+    """One monitored generation: the text, and the run the monitor saw (``run``)."""
+
+    run: RunResult
+    prompt: str
+    """The prompt as the model read it (chat template applied)."""
+    text: str
+    token_ids: list[int]
+    session: Session
+    row: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return self.run.alerts
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return self.run.scores
+
+    @property
+    def phase_scores(self) -> dict[str, dict[str, float]]:
+        return self.run.phase_scores
+
+    @property
+    def outcome(self) -> str:
+        return self.run.outcome
+
+    @property
+    def degraded(self) -> bool:
+        return self.run.degraded
+
+    def readings(self, hookpoint: str | None = None) -> list[TokenReading]:
+        """Token-by-token readings (prompt and completion) at a hookpoint (the first by default)."""
+        return self.session.readings(self.row, hookpoint)
+
+
+def render_prompt(prompt: Prompt, tokenizer: Any, *, chat: bool = True) -> Rendered:
+    """Tokenize one prompt: a string (through the chat template when ``chat``), or chat messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigError("empty prompt: give some text, or chat messages")
+        if chat and getattr(tokenizer, "chat_template", None):
+            return render_chat([{"role": "user", "content": prompt}], tokenizer)
+        return render_text(prompt, tokenizer)
+    if not isinstance(prompt, Sequence) or not prompt:
+        raise ConfigError(f"a prompt is a string or a non-empty list of chat messages, got {prompt!r}")
+    messages = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise ConfigError(f"message {i} is {m!r}: each message is {{'role': one of {', '.join(ROLES)}, "
+                              "'content': a string}")
+        messages.append({"role": str(m["role"]), "content": str(m["content"])})
+    if messages[-1]["role"] == "assistant":
+        raise ConfigError("the last message is the assistant's: generate() writes the next assistant turn, so end "
+                          "with a user message (to score a finished reply, use score_records)")
+    if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+        raise ConfigError("the messages have no user or assistant text")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat messages need a tokenizer with a chat template; pass a string and chat=False")
+    return render_chat(messages, tokenizer)
+
+
+def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor, list[list[bool]]]:
+    width = max(len(r.ids) for r in rendered)
+    ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rendered), width), dtype=torch.long)
+    content = []
+    for i, r in enumerate(rendered):
+        n = len(r.ids)
+        ids[i, width - n:] = torch.tensor(r.ids, dtype=torch.long)
+        mask[i, width - n:] = 1
+        content.append([False] * (width - n) + list(r.content))
+    return ids, mask, content
+
+
+def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
+                   top_features: int = 0, raise_on_block: bool = True,
+                   interventions: Sequence[Intervention] = (), streamer: Any = None,
+                   **generate_kwargs: Any) -> list[GenerationResult]:
+    """Generate for several prompts at once (left padding, KV cache), monitored. See :meth:`Monitor.generate`."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tok = monitor.tokenizer
+    if tok is None:
+        raise ConfigError("generate() needs the tokenizer; pass it to Monitor(model, tokenizer, ...)")
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ConfigError("generate_batch() takes a non-empty list of prompts")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
+    rendered = [render_prompt(p, tok, chat=chat) for p in prompts]
+    context = getattr(getattr(monitor.model, "config", None), "max_position_embeddings", None)
+    longest = max(len(r.ids) for r in rendered)
+    if context is not None and longest + max_new_tokens > context:
+        raise ConfigError(f"the prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                          f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+    ids, mask, content = _left_pad(rendered, tok.pad_token_id)
+    width = ids.shape[1]
+    session = monitor.session(len(prompts), top_features=top_features, n_prompt=[width] * len(prompts),
+                              content=content, interventions=interventions)
+
+    class _Block(StoppingCriteria):
+        def __call__(self, input_ids: Tensor, scores: Any, **kw: Any) -> Tensor:
+            return torch.tensor([row.blocked for row in session.rows], device=input_ids.device)
+
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    device = next(monitor.model.parameters()).device
+    with session:
+        out = monitor.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Block()]), **generate_kwargs)
+    results = []
+    for r in range(len(prompts)):
+        new = out[r, width:].tolist()
+        results.append(GenerationResult(run=session.result(r), prompt=tok.decode(rendered[r].ids),
+                                        text=tok.decode(new, skip_special_tokens=True), token_ids=new,
+                                        session=session, row=r))
+    blocked = [res for res in results if res.outcome == "blocked"]
+    if raise_on_block and blocked:
+        raise GenerationBlocked(next(a for a in blocked[0].alerts if a.action == "block"), results)
+    return results

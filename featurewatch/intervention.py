@@ -1,0 +1,163 @@
+"""Interventions: clamp, add, scale or ablate SAE features in the residual stream while the model runs.
+
+The maths keeps the SAE's error term, so only the chosen features change::
+
+    x' = x + Σᵢ (a'ᵢ − aᵢ) · W_dec[i]        a = the SAE encoding of x
+
+An intervention that leaves ``aᵢ`` unchanged leaves ``x`` unchanged exactly. It
+applies at every new position (prefill and each cached decode step) of every
+run, except padding, special tokens and the attention sink; ``phases`` limits
+it to the prompt or the completion, and ``when=DETECTOR`` switches it on in a
+run from the position after that detector fires there. A detector's
+``action: suppress`` is the same machinery: ablate its positively weighted
+features, ``when`` it fires.
+
+Values for ``clamp`` and ``add`` are in units of the feature's maximum
+activation (from the pack's feature statistics), so ``value=2`` means twice
+the largest activation seen in the SAE's training text — the scale of
+Anthropic's Golden Gate demonstration; ``absolute=True`` takes raw units.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from .alert import Phase
+from .detector import DetectorSpec
+from .errors import ConfigError
+from .positions import StepTokens
+from .sae import SparseAutoencoder, SubsetEncoder
+from .session import RunState
+
+Mode = Literal["clamp", "add", "scale", "ablate"]
+MODES: tuple[Mode, ...] = ("clamp", "add", "scale", "ablate")
+_STEER = re.compile(r"^(?:(?P<hp>[A-Za-z_][\w.]*):)?(?P<feature>\d+):(?P<mode>[a-z]+)(?::(?P<value>[-+0-9.eE]+))?$")
+
+
+class Intervention(BaseModel):
+    """One change to one SAE feature during generation.
+
+    Example::
+
+        Intervention(feature=812, mode="clamp", value=2)          # 2 × the feature's max activation
+        Intervention(feature=812, mode="ablate", when="deception")  # once deception fires in a run
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    feature: int = Field(ge=0, description="feature index in the SAE at the hookpoint")
+    mode: Mode = Field(description="clamp: set to value; add: add value; scale: multiply by value; ablate: set to 0")
+    value: float | None = Field(default=None, description=(
+        "clamp/add: in units of the feature's max activation (unless absolute); scale: the factor"))
+    absolute: bool = Field(default=False, description="clamp/add values are raw activations, not × max activation")
+    hookpoint: str | None = Field(default=None, description="default: the pack's SAE hookpoint (when it has one)")
+    phases: tuple[Phase, ...] = Field(default=("prompt", "completion"), min_length=1)
+    when: str | None = Field(default=None, description="a detector name: active after it fires in the run")
+
+    @model_validator(mode="after")
+    def _value(self) -> Intervention:
+        if self.mode == "ablate":
+            if self.value not in (None, 0):
+                raise ValueError("mode 'ablate' takes no value (it sets the feature to 0)")
+        elif self.value is None or not math.isfinite(self.value):
+            raise ValueError(f"mode {self.mode!r} needs a finite value")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Intervention:
+        """Parse the CLI form ``[HOOKPOINT:]FEATURE:MODE[:VALUE]``, e.g. ``812:clamp:2``."""
+        m = _STEER.match(text.strip())
+        if m is None or m["mode"] not in MODES:
+            raise ConfigError(f"cannot read intervention {text!r}: write [HOOKPOINT:]FEATURE:MODE[:VALUE] with MODE "
+                              f"one of {', '.join(MODES)}, e.g. 812:clamp:2 or layers.15:812:ablate")
+        try:
+            return cls(feature=int(m["feature"]), mode=m["mode"],  # type: ignore[arg-type]
+                       value=None if m["value"] is None else float(m["value"]), hookpoint=m["hp"])
+        except ValueError as exc:
+            raise ConfigError(f"intervention {text!r}: {exc}") from exc
+
+
+def suppression(spec: DetectorSpec) -> list[Intervention]:
+    """A detector's ``suppress`` action: ablate its positively weighted features once it fires."""
+    return [Intervention(feature=f.id, mode="ablate", hookpoint=spec.hookpoint, when=spec.name)
+            for f in spec.features if f.weight > 0]
+
+
+@dataclass
+class Steering:
+    """The interventions at one hookpoint, compiled: one subset encode and one matmul per pass."""
+
+    hookpoint: str
+    interventions: list[Intervention]
+    encoder: SubsetEncoder
+    W_dec: Tensor  # (k, d_model) decoder rows in activation units
+    mode: Tensor  # (k,) long index into MODES
+    value: Tensor  # (k,) absolute target / addend / factor
+    phase_ok: Tensor  # (2, k) bool: row 0 prompt, row 1 completion
+
+    def delta(self, x: Tensor, tokens: StepTokens, runs: Sequence[RunState]) -> Tensor | None:
+        """The change to residuals ``x`` ``(n, d)`` of the step's tokens, or None when nothing applies."""
+        active = tokens.steerable.unsqueeze(1) & self.phase_ok[tokens.completion.long()]
+        for j, iv in enumerate(self.interventions):
+            if iv.when is not None:  # from the position after the detector fired in that run
+                fired = torch.tensor([runs[r].fired.get(iv.when, math.inf) for r in tokens.run.tolist()])
+                active[:, j] &= tokens.position > fired
+        if not bool(active.any()):
+            return None
+        active = active.to(x.device)
+        a = self.encoder(x)
+        mode, value = self.mode, self.value
+        new = torch.where(mode == 0, value, torch.where(mode == 1, a + value, torch.where(mode == 2, a * value, 0.0)))
+        return (torch.where(active, new, a) - a) @ self.W_dec
+
+
+def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, SparseAutoencoder], *,
+                     max_activation: Callable[[str, int], float | None] | None = None) -> dict[str, Steering]:
+    """Group interventions by hookpoint and compile each group (values in absolute units).
+
+    ``saes`` maps canonical hookpoints (``layers.N``, as interventions must name them by now)
+    to the SAEs there (float32, on the model's device); ``max_activation(hookpoint, feature)``
+    gives the unit of relative clamp/add values.
+    """
+    by_hp: dict[str, list[Intervention]] = {}
+    for iv in interventions:
+        if iv.hookpoint is None:
+            if len(saes) != 1:
+                raise ConfigError(f"intervention on feature {iv.feature} names no hookpoint and the monitor has "
+                                  f"{len(saes)} SAE hookpoints ({', '.join(saes) or 'none'}): set hookpoint=")
+            hp = next(iter(saes))
+        else:
+            hp = iv.hookpoint
+        if hp not in saes:
+            raise ConfigError(f"intervention at {iv.hookpoint or hp!r}: there is no SAE there; "
+                              f"SAE hookpoints: {', '.join(saes) or 'none'}")
+        by_hp.setdefault(hp, []).append(iv)
+    out = {}
+    for hp, ivs in by_hp.items():
+        sae = saes[hp]
+        values = []
+        for iv in ivs:
+            if iv.mode in ("clamp", "add") and not iv.absolute:
+                unit = max_activation(hp, iv.feature) if max_activation is not None else None
+                if unit is None:
+                    raise ConfigError(f"no max activation is known for feature {iv.feature} at {hp} (the pack's "
+                                      "features.json has none): pass absolute=True with a raw value")
+                values.append(float(iv.value or 0.0) * unit)
+            else:
+                values.append(float(iv.value or 0.0))
+        ids = [iv.feature for iv in ivs]
+        device = sae.W_enc.device
+        phase_ok = torch.tensor([[p in iv.phases for iv in ivs] for p in ("prompt", "completion")])  # on the CPU
+        out[hp] = Steering(hookpoint=hp, interventions=list(ivs), encoder=sae.subset(ids),
+                           W_dec=sae.decoder_directions(ids).float().contiguous(),
+                           mode=torch.tensor([MODES.index(iv.mode) for iv in ivs], device=device),
+                           value=torch.tensor(values, dtype=torch.float32, device=device), phase_ok=phase_ok)
+    return out

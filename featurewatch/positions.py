@@ -1,0 +1,106 @@
+"""Which tokens a forward pass adds: their run, position, phase, and whether detectors read them.
+
+The readout and detection work on *flat* token batches: every new token of a
+forward pass is one row of a ``(n_tokens, d)`` tensor, described by a
+:class:`StepTokens` (its run, position, phase, token id, and whether it is
+read). Hugging Face hands the hooks ``(batch, seq, d)`` tensors; vLLM hands
+``(num_tokens, d)`` with all requests flattened together. Both become the same
+:class:`StepTokens`, so the maths after this module does not care which engine
+ran.
+
+:class:`PositionTracker` builds them for Hugging Face models. A forward
+pre-hook tells it each call's ``input_ids`` / ``attention_mask``: at prefill
+every position is new; with a KV cache each decode step adds one; with the
+cache off the model sees the whole sequence again and only its tail is new.
+
+A token is *read* (by detectors, evidence and statistics) unless it is
+padding, a special token (chat markers), the first real token of its row (the
+attention sink, whose norm is tens of times the median), or outside the
+content mask the renderer gave (chat markup, role names, the system prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token."""
+
+    run: Tensor  # (n,) long: which run (batch row / request) the token belongs to
+    position: Tensor  # (n,) long: its position in that run
+    completion: Tensor  # (n,) bool: the phase, False = prompt, True = completion
+    read: Tensor  # (n,) bool: detectors, evidence and statistics read it
+    steerable: Tensor  # (n,) bool: interventions may change it (not padding, special or the sink)
+    token_id: Tensor  # (n,) long: -1 where the model was given embeddings
+
+    def __len__(self) -> int:
+        return int(self.run.numel())
+
+
+class PositionTracker:
+    """Turns the inputs of each Hugging Face forward call of one session into :class:`StepTokens`.
+
+    ``n_prompt[r]``: how many leading positions of row ``r`` are prompt (default: the whole
+    first call). ``content[r]``: the renderer's content mask of row ``r``'s prompt positions
+    (aligned with ``input_ids``, padding included); positions past it are content unless special.
+    """
+
+    def __init__(self, batch_size: int, special_ids: Sequence[int], *, n_prompt: Sequence[int] | None = None,
+                 content: Sequence[Sequence[bool]] | None = None) -> None:
+        self.batch_size = batch_size
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.n_prompt = list(n_prompt) if n_prompt is not None else None
+        self.content = None
+        if content is not None:
+            width = max((len(c) for c in content), default=0)
+            self.content = torch.ones(batch_size, width, dtype=torch.bool)
+            for r, row in enumerate(content):
+                self.content[r, :len(row)] = torch.tensor(list(row), dtype=torch.bool)
+        self.n_seen = 0
+        self.first_real: Tensor | None = None
+        self.last: StepTokens | None = None
+        self.n_new = 0
+
+    def step(self, input_ids: Tensor | None, attention_mask: Tensor | None, length: int) -> StepTokens:
+        """Register one forward call whose inputs are ``length`` positions long; return its new tokens."""
+        start = self.n_seen
+        n_new = length if start == 0 or length <= start else length - start
+        b = self.batch_size
+        if input_ids is not None:
+            new_ids = input_ids[:, -n_new:].detach().to("cpu", torch.long)
+        else:
+            new_ids = torch.full((b, n_new), -1, dtype=torch.long)
+        positions = torch.arange(start, start + n_new)
+        excluded = torch.isin(new_ids, self.special)
+        if attention_mask is not None:
+            mask = attention_mask.detach().cpu()
+            if self.first_real is None:
+                self.first_real = mask.long().argmax(dim=1)
+            excluded |= mask[:, start:start + n_new] == 0
+        elif self.first_real is None:
+            self.first_real = torch.zeros(b, dtype=torch.long)
+        excluded |= positions.unsqueeze(0) == self.first_real.unsqueeze(1)
+        steerable = ~excluded
+        if self.content is not None and start < self.content.shape[1]:
+            window = self.content[:, start:start + n_new]
+            excluded[:, :window.shape[1]] |= ~window
+        if self.n_prompt is None:
+            self.n_prompt = [start + n_new] * b
+        n_prompt = torch.tensor(self.n_prompt).unsqueeze(1)
+        self.n_seen = start + n_new
+        self.n_new = n_new
+        self.last = StepTokens(
+            run=torch.arange(b).repeat_interleave(n_new),
+            position=positions.repeat(b),
+            completion=(positions.unsqueeze(0) >= n_prompt).flatten(),
+            read=(~excluded).flatten(),
+            steerable=steerable.flatten(),
+            token_id=new_ids.flatten(),
+        )
+        return self.last

@@ -1,0 +1,104 @@
+"""Offline scoring: records → one forward pass per batch, stopped after the deepest watched layer → run results.
+
+Records are rendered exactly as prompts are for generation (same chat template,
+same content mask), right-padded (causal attention makes right pads harmless),
+and read by the same hooks as live generation, so a record's scores equal what
+the monitor would have seen live. :class:`ScoreRow` is the typed line that
+``featurewatch score`` writes (see docs/architecture.md, "Score output").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .alert import FeatureEvidence, Phase, RunResult
+from .errors import ConfigError
+from .hooks import _StopForward
+from .records import Record, pad_right, render
+
+if TYPE_CHECKING:
+    from .monitor import Monitor
+
+
+class ScoreAlert(BaseModel):
+    """An alert as written in a score line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    phase: Phase
+    score: float
+    threshold: float
+    span: tuple[int, int]
+    evidence: list[FeatureEvidence] = Field(default_factory=list)
+    text: str | None = None
+
+
+class ScoreRow(BaseModel):
+    """One output line of ``featurewatch score``: a record's id, scores and alerts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    scores: dict[str, float | None] = Field(description="every detector; null when no token was scoreable")
+    phase_scores: dict[str, dict[str, float]] = Field(default_factory=dict)
+    alerts: list[ScoreAlert] = Field(default_factory=list)
+
+    @classmethod
+    def from_run(cls, record: Record, run: RunResult, detectors: Sequence[str], *,
+                 include_text: bool = True) -> ScoreRow:
+        """The score line of a record from its run result."""
+        return cls(id=record.id, scores={d: run.scores.get(d) for d in detectors}, phase_scores=run.phase_scores,
+                   alerts=[ScoreAlert(detector=a.detector, phase=a.phase, score=a.score, threshold=a.threshold,
+                                      span=a.span, evidence=list(a.evidence),
+                                      text=a.text if include_text else None) for a in run.alerts])
+
+    def to_json(self) -> str:
+        """One JSON line (``text`` left out of alerts where it was not captured)."""
+        row: dict[str, Any] = self.model_dump(mode="json")
+        for alert in row["alerts"]:
+            if alert["text"] is None:
+                del alert["text"]
+        return json.dumps(row, ensure_ascii=False)
+
+
+def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+                  on_batch: Callable[[int], Any] | None = None) -> Iterator[tuple[Record, RunResult]]:
+    """Score records in order, ``batch_size`` at a time; see :meth:`Monitor.score_records`."""
+    tok = monitor.tokenizer
+    if tok is None:
+        raise ConfigError("score_records() needs the tokenizer; pass it to Monitor(model, tokenizer, ...)")
+    if batch_size < 1 or max_tokens < 2:
+        raise ConfigError(f"batch_size={batch_size}, max_tokens={max_tokens}: both must be positive "
+                          "(max_tokens at least 2)")
+    batch: list[Record] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == batch_size:
+            yield from _score_batch(monitor, batch, max_tokens)
+            if on_batch:
+                on_batch(len(batch))
+            batch = []
+    if batch:
+        yield from _score_batch(monitor, batch, max_tokens)
+        if on_batch:
+            on_batch(len(batch))
+
+
+def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int) -> Iterator[tuple[Record, RunResult]]:
+    rendered = [render(r, monitor.tokenizer, max_tokens=max_tokens) for r in batch]
+    ids, mask = pad_right([r.ids for r in rendered], monitor.tokenizer.pad_token_id)
+    device = next(monitor.model.parameters()).device
+    session = monitor.session(len(batch), n_prompt=[r.n_prompt for r in rendered],
+                              content=[r.content for r in rendered], stop_after_deepest=True)
+    with session, torch.inference_mode():
+        try:
+            monitor.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        except _StopForward:
+            pass
+    yield from zip(batch, session.results())

@@ -1,0 +1,158 @@
+"""Issue-7 hardening of the monitor itself, each case reproduced on the tiny in-process Llama."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from featurewatch.alert import RunResult
+from featurewatch.detector import DetectorSpec, FeatureWeight
+from featurewatch.errors import ConfigError, MonitorError
+from featurewatch.monitor import Monitor
+from featurewatch.sinks import BaseSink
+
+from conftest import build_sae
+
+HP = "layers.1"
+
+
+def sae16() -> Any:
+    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
+
+
+def spec(**kw: Any) -> DetectorSpec:
+    base = dict(name="demo", description="test", hookpoint=HP,
+                features=[FeatureWeight(id=3, weight=1.0), FeatureWeight(id=5, weight=0.5)],
+                threshold=1e6, pooling={"method": "mean", "min_tokens": 1})
+    base.update(kw)
+    return DetectorSpec(**base)
+
+
+def hook_count(model: Any) -> int:
+    return len(model._forward_pre_hooks) + sum(len(layer._forward_hooks) for layer in model.model.layers)
+
+
+def test_a_failed_constructor_leaves_the_model_as_it_found_it(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    class BrokenAttach(BaseSink):
+        def on_attach(self, **kw: Any) -> None:
+            raise RuntimeError("registry is down")
+
+    before = hook_count(tiny_llama)
+    with pytest.raises(MonitorError, match="registry is down"):
+        Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[BrokenAttach()], fail_closed=True)
+    assert hook_count(tiny_llama) == before
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}) as again:  # the model is free again
+        assert again.attached
+
+
+def test_generation_pads_per_call_and_never_touches_the_tokenizer(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    tiny_tokenizer.padding_side = "right"
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(3):
+                    res = m.generate_batch(["ab", "abcdefgh"], max_new_tokens=3, min_new_tokens=3)
+                    assert len(res) == 2 and all(len(r.token_ids) == 3 for r in res)
+            except BaseException as exc:  # noqa: BLE001 — surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert tiny_tokenizer.padding_side == "right"
+
+
+def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()], fail_closed=True) as m:
+        ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+        with m.session(top_features=3) as s:
+            out = tiny_llama(input_ids=ids)  # grad mode on, as in a user's own code
+        assert out.logits.requires_grad  # the user's graph is intact ...
+        run = s.rows[0]
+        kept = [*run.watched[HP], *run.residuals[HP], *run.feature_sums.values()]
+        assert kept and not any(t.requires_grad for t in kept)  # ... but nothing the monitor keeps holds it
+
+
+def test_detaching_mid_generation_marks_the_run_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()])
+
+    class DetachAfterTwoSteps(BaseSink):
+        steps = 0
+
+        def on_forward(self, **kw: Any) -> None:
+            self.steps += 1
+            if self.steps == 2:
+                m.detach()
+
+    m.sinks.append(DetachAfterTwoSteps())
+    result = m.generate("abc", max_new_tokens=6, min_new_tokens=6)
+    assert len(result.token_ids) == 6
+    assert result.degraded and result.outcome == "completed"
+
+
+def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    ended: list[RunResult] = []
+
+    class Ends(BaseSink):
+        def on_run_end(self, result: RunResult) -> None:
+            ended.append(result)
+
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[Ends()], fail_closed=True) as m:
+        session = m.session()
+        with session:
+            tiny_llama(input_ids=torch.tensor([[2, 3, 4]]))
+        with pytest.raises(ConfigError, match="single-use"):
+            with session:
+                pass
+    assert len(ended) == 1
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ("", {"chat": False}, "empty prompt"),
+    ("   ", {}, "empty prompt"),
+    ([], {}, "non-empty list"),
+    ([{"role": "bogus", "content": "hi"}], {}, "role"),
+    ([{"role": "user"}], {}, "content"),
+    ("abc", {"max_new_tokens": 0}, "max_new_tokens=0"),
+    ("abc", {"max_new_tokens": -5}, "max_new_tokens=-5"),
+])
+def test_bad_prompts_are_config_errors_naming_the_problem(tiny_llama: Any, tiny_tokenizer: Any, prompt: Any,
+                                                           kwargs: dict[str, Any], message: str) -> None:
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+        with pytest.raises(ConfigError, match=message):
+            m.generate(prompt, **kwargs)
+        with pytest.raises(ConfigError, match="non-empty list"):
+            m.generate_batch([])
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    context = tiny_llama.config.max_position_embeddings  # 128
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+        with pytest.raises(ConfigError, match=f"context of {context} tokens"):
+            m.generate("a" * (context - 4), max_new_tokens=8)
+        assert len(m.generate("a" * (context - 20), max_new_tokens=8).token_ids) <= 8  # within: fine
+
+
+def test_per_phase_thresholds_fire_each_phase_at_its_own(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    both = spec(threshold=1e6, phase_thresholds={"prompt": 1e6, "completion": -1e6},
+                phases=["prompt", "completion"])
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[both], fail_closed=True) as m:
+        result = m.generate("abcdef", max_new_tokens=4, min_new_tokens=4)
+    assert [(a.phase, a.threshold) for a in result.alerts] == [("completion", -1e6)]
+
+
+def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    low = spec(threshold=-1e6, phases=["completion"], pooling={"method": "mean", "min_tokens": 5})
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[low], fail_closed=True) as m:
+        short = m.generate("abc", max_new_tokens=3, min_new_tokens=3)  # 2 completion tokens are read
+        long = m.generate("abc", max_new_tokens=8, min_new_tokens=8)
+    assert not short.alerts and "completion" in short.phase_scores
+    assert len(long.alerts) == 1
