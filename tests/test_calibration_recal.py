@@ -164,3 +164,16 @@ def test_evaluate_uses_phase_thresholds_the_prior_and_min_tokens() -> None:
     assert out["features"][0]["label"] == "scam words" and out["features"][0]["share"] == 1.0
     assert out["features"][0]["top_contexts"] == ["a«b»c"] * 3 and out["largest_share"] == 1.0
     assert math.isclose(out["threshold"], 0.5)
+
+
+def test_offline_shrinkage_equals_the_runtime_pool() -> None:
+    from featurewatch.detector import Pooling
+    from featurewatch.pooling import PhasePool
+
+    tokens = [4.0, -1.0, 2.5]
+    pool = PhasePool(Pooling(method="mean", min_tokens=4, prior_score=-3.0, prior_tokens=4), threshold=0.0)
+    pool.extend(tokens, [1, 2, 3])
+    offline = shrunk(np.array([np.mean(tokens)]), np.array([3]), -3.0, 4)[0]
+    assert pool.value == pytest.approx(offline)
+    assert not pool.check()  # 3 tokens < min_tokens: silent, as fires() says
+    assert not fires(np.array([offline]), np.array([3]), 0.0, 4)[0]
