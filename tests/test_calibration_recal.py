@@ -177,3 +177,23 @@ def test_offline_shrinkage_equals_the_runtime_pool() -> None:
     assert pool.value == pytest.approx(offline)
     assert not pool.check()  # 3 tokens < min_tokens: silent, as fires() says
     assert not fires(np.array([offline]), np.array([3]), 0.0, 4)[0]
+
+
+def test_evaluate_runs_reads_the_runtime_scores_and_alerts() -> None:
+    from types import SimpleNamespace as NS
+
+    from featurewatch.calibration.report import evaluate_runs
+
+    spec = {"name": "d", "threshold": 1.0, "phases": ["prompt", "completion"]}
+    rec = lambda label, wrapper, group: NS(extra={"label": label, "wrapper": wrapper, "group": group})  # noqa: E731
+    alert = NS(detector="d", phase="completion")
+    records = [rec(1, "reply", "scam"), rec(0, "reply+sys", "look-alike"), rec(1, "plain", "scam")]
+    runs = [NS(phase_scores={"d": {"prompt": -2.0, "completion": 3.0}}, alerts=[alert]),
+            NS(phase_scores={"d": {"prompt": -2.0, "completion": 0.5}}, alerts=[]),
+            NS(phase_scores={"d": {"prompt": 2.0}}, alerts=[])]  # over threshold but the runtime did not fire
+    table = {(r["phase"], r["group"], r["wrapper"]): r for r in evaluate_runs(spec, records, runs)}
+    assert table[("completion", "scam", "reply")]["recall"] == 1.0
+    assert table[("completion", "look-alike", "reply")]["fpr"] == 0.0
+    assert table[("completion", "(all)", "(all)")]["auroc"] == 1.0
+    assert table[("prompt", "scam", "plain")]["recall"] == 0.0  # the runtime's verdict counts, not the score
+    assert table[("prompt", "(all)", "(all)")]["n_neg"] == 2  # the neutral requests before the replies

@@ -76,44 +76,73 @@ def _r(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
 
 
-def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None,
-             *, by: str = "wrapper") -> list[dict[str, Any]]:
-    """Per phase and (group, wrapper family): n, AUROC, recall and FPR at the shipped threshold.
-
-    Rows with ``group == "(all)"`` pool every group of the phase; ``wrapper == "(all)"`` every wrapper.
-    """
+def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per phase and (group, wrapper family): n, AUROC, recall and FPR at the shipped threshold (cached rows)."""
     score, n = pooled_scores(spec, rows, task, probe)
     min_tokens = int(spec.get("pooling", {}).get("min_tokens", 1))
-    fam = np.array([wrapper_family(rows.wrappers[i]) for i in task.index])
-    grp = np.array([rows.groups[i] for i in task.index])
+    fire = np.array([fires(np.array([s]), np.array([k]), threshold_of(spec, p), min_tokens)[0]
+                     for s, k, p in zip(score, n, task.phase)], dtype=bool)
+    return table(spec, score, fire, task.y, task.phase, np.array([rows.groups[i] for i in task.index]),
+                 np.array([wrapper_family(rows.wrappers[i]) for i in task.index]))
+
+
+def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, label_phase: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """The same table from the runtime's own results (``Monitor.score_records``): its scores and its alerts.
+
+    A record's label counts in the phase that holds its content (from its ``wrapper`` tag, or
+    ``label_phase``); its other phases are negatives. ``records`` need ``label`` and ``group``/``source``.
+    """
+    from .wrappers import phase_of_content
+
+    score, fire, y, phase, group, family = [], [], [], [], [], []
+    for rec, run in zip(records, runs):
+        tag = str(rec.extra.get("wrapper", "native"))
+        own = label_phase or phase_of_content(tag)
+        for ph, value in run.phase_scores.get(spec["name"], {}).items():
+            if ph not in spec.get("phases", [ph]) or value is None or math.isnan(value):
+                continue
+            score.append(value)
+            fire.append(any(a.detector == spec["name"] and a.phase == ph for a in run.alerts))
+            y.append(int(rec.extra["label"]) if ph == own else 0)
+            phase.append(ph)
+            group.append(str(rec.extra.get("group", rec.extra.get("source", ""))))
+            family.append(wrapper_family(tag))
+    return table(spec, np.array(score), np.array(fire, dtype=bool), np.array(y), np.array(phase),
+                 np.array(group), np.array(family))
+
+
+def table(spec: dict[str, Any], score: np.ndarray, fire: np.ndarray, y_all: np.ndarray, phase: np.ndarray,
+          grp: np.ndarray, fam: np.ndarray) -> list[dict[str, Any]]:
+    """Rows per phase and (group, wrapper): ``group``/``wrapper`` "(all)" pool every group/wrapper of the phase."""
     out = []
     for ph in ("prompt", "completion"):
         if ph not in spec.get("phases", ["prompt", "completion"]):
             continue
         thr = threshold_of(spec, ph)
-        in_ph = task.phase == ph
+        in_ph = phase == ph
         cells = [("(all)", "(all)")] + [("(all)", w) for w in sorted(set(fam[in_ph]))]
         cells += sorted({(g, w) for g, w in zip(grp[in_ph], fam[in_ph])})
         cells += sorted({(g, "(all)") for g in grp[in_ph]})
         for g, w in cells:
             sel = in_ph & ((grp == g) if g != "(all)" else True) & ((fam == w) if w != "(all)" else True)
-            y = task.y[sel]
+            y = y_all[sel]
             if len(y) == 0:
                 continue
-            fire = fires(score[sel], n[sel], thr, min_tokens)
             # AUROC against the other class of the same phase and wrapper when the cell has one class
             ref = in_ph & ((fam == w) if w != "(all)" else True)
             if y.min() == y.max():
-                other = ref & (task.y != y[0])
+                other = ref & (y_all != y[0])
                 s_au = np.concatenate([score[sel], score[other]])
-                y_au = np.concatenate([y, task.y[other]])
+                y_au = np.concatenate([y, y_all[other]])
             else:
                 s_au, y_au = score[sel], y
+            f = fire[sel]
             n_pos, n_neg = int(y.sum()), int((1 - y).sum())
             out.append({"phase": ph, "group": g, "wrapper": w, "n_pos": n_pos, "n_neg": n_neg,
                         "auroc": _r(auroc(s_au, y_au)) if len(set(y_au.tolist())) == 2 else None,
-                        "recall": _r(fire[y == 1].mean()) if n_pos else None,
-                        "fpr": _r(fire[y == 0].mean()) if n_neg else None,
+                        "recall": _r(f[y == 1].mean()) if n_pos else None,
+                        "fpr": _r(f[y == 0].mean()) if n_neg else None,
                         "threshold": round(thr, 4)})
     return out
 
