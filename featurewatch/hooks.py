@@ -9,6 +9,7 @@ needs — no later layers, no LM head.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -60,11 +61,9 @@ def forward_until(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
                 raise _StopForward
         return hook
 
-    with hooked([(module, make(name, index)) for name, index, module in resolved]):
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+    with hooked([(module, make(name, index)) for name, index, module in resolved]), \
+            contextlib.suppress(_StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return captured
 
 

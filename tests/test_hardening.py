@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_sae
 from featurewatch.alert import RunResult
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.errors import ConfigError, MonitorError
 from featurewatch.monitor import Monitor
 from featurewatch.sinks import BaseSink
-
-from conftest import build_sae
 
 HP = "layers.1"
 
@@ -109,9 +108,8 @@ def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_tokenizer: 
         session = m.session()
         with session:
             tiny_llama(input_ids=torch.tensor([[2, 3, 4]]))
-        with pytest.raises(ConfigError, match="single-use"):
-            with session:
-                pass
+        with pytest.raises(ConfigError, match="single-use"), session:
+            pass
     assert len(ended) == 1
 
 
