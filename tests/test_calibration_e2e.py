@@ -58,7 +58,7 @@ def test_the_same_text_in_three_wrappers_alerts_in_each(monitor: Monitor, detect
         assert any(a.detector == detector and a.phase == phase for a in run.alerts), (rec["wrapper"], run.phase_scores)
     # invariance: the content phase scores within a tolerance of one another, in units of the detector's threshold gap
     spec = next(d for d in monitor.detectors if d.name == detector)
-    scores = [run.phase_scores[detector][_content_phase(rec)] for rec, run in zip(wrapped, runs)]
+    scores = [run.phase_scores[_content_phase(rec)][detector] for rec, run in zip(wrapped, runs)]
     assert max(scores) - min(scores) <= 4.0 + 0.5 * abs(spec.threshold), scores
 
 
@@ -67,8 +67,9 @@ def test_short_texts_and_small_talk_raise_nothing(monitor: Monitor) -> None:
         assert not run.alerts, [(a.detector, a.phase, a.score) for a in run.alerts]
         for det in DETECTORS:  # and no extreme score: near the prior, far below the threshold
             spec = next(d for d in monitor.detectors if d.name == det)
-            for phase, value in run.phase_scores.get(det, {}).items():
-                assert value < spec.threshold_for(phase), (det, phase, value)
+            for phase, by_detector in run.phase_scores.items():
+                if det in by_detector:
+                    assert by_detector[det] < spec.threshold_for(phase), (det, phase, by_detector[det])
 
 
 def test_one_alert_per_phase_episode_on_a_long_scam_reply(monitor: Monitor) -> None:

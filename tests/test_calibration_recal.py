@@ -188,9 +188,9 @@ def test_evaluate_runs_reads_the_runtime_scores_and_alerts() -> None:
     rec = lambda label, wrapper, group: NS(extra={"label": label, "wrapper": wrapper, "group": group})  # noqa: E731
     alert = NS(detector="d", phase="completion")
     records = [rec(1, "reply", "scam"), rec(0, "reply+sys", "look-alike"), rec(1, "plain", "scam")]
-    runs = [NS(phase_scores={"d": {"prompt": -2.0, "completion": 3.0}}, alerts=[alert]),
-            NS(phase_scores={"d": {"prompt": -2.0, "completion": 0.5}}, alerts=[]),
-            NS(phase_scores={"d": {"prompt": 2.0}}, alerts=[])]  # over threshold but the runtime did not fire
+    runs = [NS(phase_scores={"prompt": {"d": -2.0}, "completion": {"d": 3.0, "other": 9.0}}, alerts=[alert]),
+            NS(phase_scores={"prompt": {"d": -2.0}, "completion": {"d": 0.5}}, alerts=[]),
+            NS(phase_scores={"prompt": {"d": 2.0}}, alerts=[])]  # over threshold but the runtime did not fire
     table = {(r["phase"], r["group"], r["wrapper"]): r for r in evaluate_runs(spec, records, runs)}
     assert table[("completion", "scam", "reply")]["recall"] == 1.0
     assert table[("completion", "look-alike", "reply")]["fpr"] == 0.0

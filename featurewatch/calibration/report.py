@@ -97,9 +97,10 @@ def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, 
 
     score, fire, y, phase, group, family = [], [], [], [], [], []
     for rec, run in zip(records, runs):
-        tag = str(rec.extra.get("wrapper", "native"))
+        tag = str(rec.extra.get("wrapper") or native_tag(rec))
         own = label_phase or phase_of_content(tag)
-        for ph, value in run.phase_scores.get(spec["name"], {}).items():
+        for ph, by_detector in run.phase_scores.items():  # {phase: {detector: pooled score}}
+            value = by_detector.get(spec["name"])
             if ph not in spec.get("phases", [ph]) or value is None or math.isnan(value):
                 continue
             score.append(value)
@@ -110,6 +111,14 @@ def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, 
             family.append(wrapper_family(tag))
     return table(spec, np.array(score), np.array(fire, dtype=bool), np.array(y), np.array(phase),
                  np.array(group), np.array(family))
+
+
+def native_tag(record: Any) -> str:
+    """The wrapper tag of an unwrapped record: a document is ``plain``, a chat ending in a reply ``native``."""
+    if getattr(record, "text", None) is not None:
+        return "plain"
+    msgs = getattr(record, "messages", None) or ()
+    return "native" if msgs and msgs[-1]["role"] == "assistant" else "request"
 
 
 def table(spec: dict[str, Any], score: np.ndarray, fire: np.ndarray, y_all: np.ndarray, phase: np.ndarray,
