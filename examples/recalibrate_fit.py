@@ -71,7 +71,17 @@ def load_rows(out: Path, sae: SparseAutoencoder, *, allow_missing: bool = False)
                 raise SystemExit(f"no cached activations for {name}; run the extract step first") from None
             log.warning("no cached activations for %s; skipped", name)
             continue
-        parts.append(phase_rows(acts, data.records, sae, name))
+        ids_key = hashlib.sha256("\n".join(acts.ids).encode() + str(int(acts.offsets[-1])).encode()).hexdigest()[:12]
+        memo = out / "acts" / f"rows-{name}-{ids_key}.pkl"
+        if memo.exists():  # pooled rows of this exact cache, from an earlier run
+            import pickle
+
+            parts.append(pickle.loads(memo.read_bytes()))
+        else:
+            import pickle
+
+            parts.append(phase_rows(acts, data.records, sae, name))
+            memo.write_bytes(pickle.dumps(parts[-1]))
         log.info("rows %s: %d", name, len(data.records))
     return PhaseRows.concat(parts)
 
@@ -141,7 +151,7 @@ def candidate_pool(rows: PhaseRows, X: np.ndarray, features_info: dict[int, dict
     fmt = np.array([is_formatting(features_info.get(f)) for f in range(X.shape[1])])
     # scale is the 99th percentile of pooled activations over whole texts; on 1–3 token contents a
     # pooled mean runs higher, so the wrapper must move a feature by more than that scale to count
-    drop = {"wrapper_gap": fires & (gap > 1.0), "fires_on_empty": fires & (on_empty > 1.0),
+    drop = {"wrapper_gap": fires & (gap > 2.0), "fires_on_empty": fires & (on_empty > 2.0),
             "paired_shift": fires & (shift > 0.5), "formatting": fires & fmt}
     keep = fires.copy()
     for m in drop.values():
@@ -157,10 +167,14 @@ def calibrate_scores(rows: PhaseRows, task: Task, raw: np.ndarray, cfg: dict[str
     prior = float(np.median(raw[neg & own]))
     n = np.array([rows.n[p][i] for i, p in zip(task.index, task.phase)])
     s = shrunk(raw, n, prior, PRIOR_TOKENS)
+    # hard-negative groups (no positives: look-alikes, legit mail, small talk…) each meet their own
+    # target; the negatives of the detector's own labelled sources are pooled into one cell
+    with_pos = {rows.groups[i] for i, y in zip(task.index, task.y) if y == 1}
+    cell_group = lambda i: "own-negatives" if rows.groups[i] in with_pos else rows.groups[i]  # noqa: E731
     phase_thr, binds = {}, {}
     for ph in cfg["phases"]:
         sel = neg & (task.phase == ph)
-        cells = per_cell_thresholds(s[sel], n[sel], [rows.groups[i] for i in task.index[sel]],
+        cells = per_cell_thresholds(s[sel], n[sel], [cell_group(i) for i in task.index[sel]],
                                     [wrapper_family(rows.wrappers[i]) for i in task.index[sel]], TARGETS,
                                     default_target=DEFAULT_TARGET, min_tokens=cfg["min_tokens"])
         b = binding(cells)
@@ -178,7 +192,7 @@ def calibrate_scores(rows: PhaseRows, task: Task, raw: np.ndarray, cfg: dict[str
         cy[np.searchsorted(ci, i)] |= y
     cs = (ctot + PRIOR_TOKENS * prior) / (cn + PRIOR_TOKENS)
     cneg = cy == 0
-    cells = per_cell_thresholds(cs[cneg], cn[cneg], [rows.groups[i] for i in ci[cneg]],
+    cells = per_cell_thresholds(cs[cneg], cn[cneg], [cell_group(i) for i in ci[cneg]],
                                 [wrapper_family(rows.wrappers[i]) for i in ci[cneg]], TARGETS,
                                 default_target=DEFAULT_TARGET, min_tokens=cfg["min_tokens"])
     combined = binding(cells).threshold
@@ -305,7 +319,8 @@ def run(out: Path, pack: Path, *, fit: bool = True, report: bool = True, allow_m
                     "notes": (f"each text in several wrappers (plain, quoted in a user message, assistant reply to a "
                               f"neutral request, ± system prompt); per (group, wrapper) FPR targets {TARGETS}, "
                               f"default {DEFAULT_TARGET:.0%}; binding cells {info.get('binding')}; "
-                              f"candidate pool {info.get('pool')}; out-of-fold AUROC {info.get('oof_auroc')}; "
+                              f"candidate pool {info.get('pool')}; share of |w·mean a| on the fit positives by feature "
+                              f"{info.get('shares')}; out-of-fold AUROC {info.get('oof_auroc')}; "
                               f"figures above: held-out, {cfg['phases'][-1]} phase, all groups and wrappers")}
                 from featurewatch.detector import DetectorSpec
 

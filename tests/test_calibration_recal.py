@@ -128,6 +128,8 @@ def test_formatting_features_are_recognised_from_their_top_contexts() -> None:
     assert not is_formatting({"label": "money and finance words",
                               "top_contexts": ["the« bank» said", "a« loan» of", "«wire» transfer"]})
     assert not is_formatting(None)
+    system = "<|im_start|>system⏎You are a helpful AI assistant named Smol«LM», trained by"
+    assert is_formatting({"label": None, "top_contexts": [system] * 4 + ["the« bank» said"]})
 
 
 # --- report and explain -----------------------------------------------------------------------

@@ -30,9 +30,10 @@ from .fit import _fold, _sklearn, _standardize, feature_aurocs
 
 _MARK = re.compile(r"«(.*?)»")
 _MARKUP = {"<|im_start|>", "<|im_end|>", "assistant", "user", "system", "⏎"}
+_DEFAULT_SYSTEM = "AI assistant named SmolLM"  # SmolLM2's default system prompt, as in top contexts
 _FORMAT_WORDS = ("punctuation", "newline", "whitespace", "indent", "period", "comma", "paragraph break",
                  "markup", "system prompt", "chat template", "colon", "bracket", "quote mark", "'⏎'",
-                 "digits", "sentence end", "line break")
+                 "digits", "sentence end", "line break", "role token", "role name", "im_start")
 
 
 def wrapper_gap(neutral: np.ndarray, wrappers: list[str], scale: np.ndarray) -> np.ndarray:
@@ -72,7 +73,17 @@ def is_formatting(info: dict[str, Any] | None, *, share: float = 0.6) -> bool:
     label = str(info.get("label") or "").lower()
     if any(w in label for w in _FORMAT_WORDS) and not label.startswith("mixed"):
         return True
-    tokens = [m.group(1) for c in info.get("top_contexts", []) for m in [_MARK.search(c)] if m]
+    contexts = list(info.get("top_contexts", []))
+    # the highlighted token inside a system prompt: a feature of the operator's preamble
+    def system_token(c: str) -> bool:
+        before = c.split("«", 1)[0]
+        if "<|im_start|>system" in before:
+            return "<|im_end|>" not in before.split("<|im_start|>system", 1)[-1]
+        return "<|im_start|>" not in before and _DEFAULT_SYSTEM in before  # a snippet cut inside it
+    in_system = sum(system_token(c) for c in contexts)
+    if contexts and in_system / len(contexts) >= share:
+        return True
+    tokens = [m.group(1) for c in contexts for m in [_MARK.search(c)] if m]
     if not tokens:
         return False
     def fmt(t: str) -> bool:
