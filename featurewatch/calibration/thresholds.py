@@ -68,8 +68,10 @@ def per_cell_thresholds(scores: np.ndarray, n_tokens: np.ndarray, groups: list[s
         if len(live) == 0:
             thr = -math.inf
         else:
-            # allowed false positives are counted against the whole cell
-            allowed_fpr = math.floor(target * total) / len(live) if len(live) else 0.0
+            # allowed false positives are counted against the whole cell, rounded to the nearest
+            # count: flooring would turn 2 % of 43 negatives into zero, i.e. "above the maximum of a
+            # small sample", far stricter than 2 % and fatal to recall
+            allowed_fpr = round(target * total) / len(live) if len(live) else 0.0
             thr = threshold_at_fpr(live, min(allowed_fpr + 1e-12, 1.0))
         out.append(CellThreshold(g, w, target, total, float(thr)))
     return out
