@@ -107,9 +107,21 @@ def test_eval_on_the_held_out_split(tiny: list[str], data: dict[str, Path], tmp_
                          "--split", "held-out", "--json", "--cache", str(tmp_path))
     assert code == 0, err
     report = json.loads(out)
-    assert report["split"] == "held-out" and len(report["rows"]) == 1
-    row = report["rows"][0]
+    assert report["split"] == "held-out"
+    row = next(r for r in report["rows"] if r["group"] == "(all)" and r["wrapper"] == "(all)")
     assert row["detector"] == "demo" and 0 < row["n_pos"] + row["n_neg"] < 40
+    assert {"auroc", "recall", "fpr", "threshold", "probe_auroc", "phase"} <= set(row)
+
+
+def test_explain_lists_the_readout(tiny: list[str], capsys: Any) -> None:
+    pack = tiny[tiny.index("--pack") + 1]
+    code, out, err = cli(capsys, "explain", "demo", "--pack", pack, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["detector"] == "demo" and report["features"]
+    assert {"id", "weight", "label", "top_contexts", "share"} <= set(report["features"][0])
+    code, out, err = cli(capsys, "explain", "nope", "--pack", pack)
+    assert code == 2 and "valid:" in err
 
 
 def test_discover_ranks_features(tiny: list[str], data: dict[str, Path], tmp_path: Path, capsys: Any) -> None:

@@ -54,10 +54,14 @@ def load_labelled(path: str | Path, *, max_records: int | None = None) -> Labell
 
 
 def split_mask(records: list[Record], split: str, fraction: float = HELD_OUT) -> np.ndarray:
-    """Boolean mask of records in ``split`` (``fit``, ``held-out`` or ``all``)."""
+    """Boolean mask of records in ``split`` (``fit``, ``held-out`` or ``all``).
+
+    A wrapped record (``base_id``, see calibration.wrappers) splits with its base text, so every
+    wrapper of one text lands in the same split.
+    """
     if split == "all":
         return np.ones(len(records), dtype=bool)
-    held = np.array([is_held_out(r.id, fraction) for r in records], dtype=bool)
+    held = np.array([is_held_out(str(r.extra.get("base_id", r.id)), fraction) for r in records], dtype=bool)
     return held if split == "held-out" else ~held
 
 

@@ -1,4 +1,5 @@
-"""The ``featurewatch`` command line: run, score, eval, discover, calibrate, inspect, train-sae, export-model.
+"""The ``featurewatch`` command line: run, score, eval, explain, discover, calibrate, inspect, train-sae,
+export-model.
 
 Output a person reads goes to stdout as text; ``--json`` switches to JSON for
 programs. Progress bars and notes go to stderr. Bad input exits with code 2

@@ -1,4 +1,4 @@
-"""``featurewatch discover``, ``calibrate`` and ``eval``: find features, fit detectors, measure them.
+"""``featurewatch discover``, ``calibrate``, ``eval`` and ``explain``: find features, fit detectors, measure and show them.
 
 The fitting and measuring live in :mod:`featurewatch.calibration`; this module
 reads the options, checks them before the model loads, and prints reports.
@@ -59,13 +59,23 @@ def register(sub: Any) -> None:
     _common(p, detectors=False)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("eval", help="measure detectors on labelled records, next to probe and keyword baselines")
-    p.add_argument("--input", action="append", required=True, help="labelled JSONL (repeatable)")
+    p = sub.add_parser("eval", help="measure detectors per phase, source and wrapper at their shipped thresholds")
+    p.add_argument("--input", action="append", required=True, metavar="FILE[=DETECTOR,...]",
+                   help="labelled JSONL (repeatable); with =DETECTOR,... its labels count for those detectors "
+                        "only, and for the others its label-0 records are negatives")
     p.add_argument("--split", choices=["held-out", "fit", "all"], default="all",
                    help="which hash split of the records to use (held-out = never used by calibrate)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="records per forward pass (>= 1)")
+    p.add_argument("--detail", action="store_true", help="every (source, wrapper) cell, not only the margins")
     _common(p, detectors=True)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="what a detector reads: features, weights, labels, top contexts, shares")
+    p.add_argument("detector", metavar="DETECTOR", help="detector name in the pack")
+    p.add_argument("--pack", default=None, help="pack name or directory (default: smollm2-135m-instruct)")
+    p.add_argument("--contexts", type=POSITIVE, default=3, help="top contexts shown per feature")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_explain)
 
 
 def _common(p: argparse.ArgumentParser, *, detectors: bool) -> None:
@@ -236,66 +246,100 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- eval
+def _input_owners(spec: str) -> tuple[str, set[str] | None]:
+    path, sep, owners = spec.partition("=")
+    return path, ({o for o in owners.split(",") if o} if sep else None)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Score every record once with all detectors (and -probe variants) through the monitor; tabulate."""
     from ..calibration.data import load_labelled, split_mask
-    from ..calibration.keywords import keyword_score, watched_text
-    from ..calibration.metrics import auroc, rates_at, rounded, tpr_at_fpr
+    from ..calibration.report import evaluate_runs
     from ..display import table
     from ..monitor import Monitor
 
-    for path in args.input:
+    inputs = [_input_owners(s) for s in args.input]
+    for path, _ in inputs:
         check_input(path, "--input")
-    labelled = [load_labelled(path, max_records=args.max_records) for path in args.input]  # bad lines fail now
+    labelled = [load_labelled(path, max_records=args.max_records) for path, _ in inputs]  # bad lines fail now
     pack = load_pack_checked(args)
     names = args.detectors or pack.manifest.default_detectors or sorted(pack.detectors)
+    for _, owners in inputs:
+        unknown = sorted((owners or set()) - set(names))
+        if unknown:
+            raise CLIError(f"--input …={','.join(unknown)}: not among the evaluated detectors {', '.join(names)}")
     specs = pack.select(names)
-    with_probes = names + [f"{n}-probe" for n in names if f"{n}-probe" in pack.detectors and f"{n}-probe" not in names]
+    probes = [f"{n}-probe" for n in names if f"{n}-probe" in pack.detectors and f"{n}-probe" not in names]
     loaded = load_model(args)
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=pack, detectors=with_probes, model_name=loaded.name,
+    monitor = Monitor(loaded.model, loaded.tokenizer, pack=pack, detectors=names + probes, model_name=loaded.name,
                       capture_text=False)
-    rows: list[dict[str, Any]] = []
+    scored: list[tuple[set[str] | None, list[Any], list[Any]]] = []
     try:
-        for path, data in zip(args.input, labelled):
-            mask = split_mask(data.records, args.split)
-            records = [r for r, m in zip(data.records, mask) if m]
-            labels = data.labels[mask]
-            sources = [s for s, m in zip(data.sources, mask) if m]
+        for (path, owners), data in zip(inputs, labelled):
+            records = [r for r, m in zip(data.records, split_mask(data.records, args.split)) if m]
             bar = progress()(total=len(records), desc=f"eval {Path(path).name}", unit="rec")
             runs = [run for _, run in monitor.score_records(records, batch_size=args.batch_size,
                                                             max_tokens=args.max_tokens, on_batch=bar.update)]
             bar.close()
-            for spec in specs:
-                texts = [watched_text(r, spec.phases) for r in records]
-                groups = {"all": np.ones(len(records), dtype=bool)}
-                for src in sorted(set(sources)):
-                    groups[src] = np.array([s == src for s in sources])
-                for group, g in groups.items():
-                    if group != "all" and len(groups) == 2:
-                        continue  # one source: its row equals "all"
-                    y = labels[g]
-                    s = np.array([run.scores.get(spec.name, math.nan) for run, k in zip(runs, g) if k])
-                    sp = np.array([run.scores.get(spec.name + "-probe", math.nan) for run, k in zip(runs, g) if k])
-                    kw = np.array([keyword_score(spec.name, t) for t, k in zip(texts, g) if k])
-                    at = rates_at(s, y, spec.threshold)
-                    has_probe = not np.isnan(sp).all()
-                    rows.append({
-                        "detector": spec.name, "file": Path(path).name, "source": group,
-                        "n_pos": int(y.sum()), "n_neg": int((1 - y).sum()),
-                        "auroc": rounded(auroc(s, y)), "tpr_at_1pct_fpr": rounded(tpr_at_fpr(s, y, 0.01)),
-                        "precision": rounded(at["precision"]), "recall": rounded(at["recall"]),
-                        "fpr": rounded(at["fpr"]),
-                        "probe_auroc": rounded(auroc(sp, y)) if has_probe else None,
-                        "probe_tpr_at_1pct_fpr": rounded(tpr_at_fpr(sp, y, 0.01)) if has_probe else None,
-                        "keyword_auroc": rounded(auroc(kw, y)),
-                    })
+            scored.append((owners, records, runs))
     finally:
         monitor.detach()
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        recs, runs = [], []
+        for owners, records, file_runs in scored:
+            for r, run in zip(records, file_runs):
+                if owners is None or spec.name in owners or r.extra.get("label") == 0:
+                    recs.append(r)
+                    runs.append(run)
+        own = evaluate_runs(spec.model_dump(), recs, runs)
+        probe = {}
+        if f"{spec.name}-probe" in probes:
+            probe_spec = pack.detectors[f"{spec.name}-probe"].model_dump()
+            probe = {(r["phase"], r["group"], r["wrapper"]): r for r in evaluate_runs(probe_spec, recs, runs)}
+        for r in own:
+            p = probe.get((r["phase"], r["group"], r["wrapper"]), {})
+            rows.append({"detector": spec.name, **r, "probe_auroc": p.get("auroc")})
+    if not args.detail:
+        rows = [r for r in rows if r["group"] == "(all)" or r["wrapper"] == "(all)"]
     if args.json:
         print(json.dumps({"split": args.split, "rows": rows}))
         return 0
-    print(table([[r["detector"], r["file"], r["source"], r["n_pos"], r["n_neg"], r["auroc"], r["tpr_at_1pct_fpr"],
-                  r["precision"], r["recall"], r["probe_auroc"], r["probe_tpr_at_1pct_fpr"], r["keyword_auroc"]]
-                 for r in rows],
-                ["detector", "file", "source", "pos", "neg", "AUROC", "TPR@1%", "prec@thr", "rec@thr",
-                 "probe AUROC", "probe TPR@1%", "keyword AUROC"]))
+    print(table([[r["detector"], r["phase"], r["group"], r["wrapper"], r["n_pos"], r["n_neg"], r["auroc"],
+                  r["recall"], r["fpr"], r["threshold"], r["probe_auroc"]] for r in rows],
+                ["detector", "phase", "source", "wrapper", "pos", "neg", "AUROC", "rec@thr", "FPR@thr",
+                 "threshold", "probe AUROC"]))
+    return 0
+
+
+# --------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print a detector's readout: features by share of the score on the calibration positives."""
+    from ..calibration.report import explain
+    from ..pack import DEFAULT_PACK, load_pack
+
+    pack = load_pack(args.pack or DEFAULT_PACK)
+    if args.detector not in pack.detectors:
+        raise CLIError(f"detector {args.detector!r} is not in pack {pack.name}; valid: {', '.join(sorted(pack.detectors))}")
+    spec = pack.detectors[args.detector]
+    infos = {i: info.model_dump() for i, info in pack.features.get(spec.hookpoint, {}).items()}
+    out = explain(spec.model_dump(), infos, contexts=args.contexts)
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    phases = ", ".join(f"{p} {spec.threshold_for(p):.3f}" for p in spec.phases)
+    print(f"{spec.name} ({spec.kind}, {spec.hookpoint}): {spec.description}")
+    print(f"  score per token = {spec.bias:.3f} + Σ wᵢ·aᵢ, mean over each watched phase's content tokens, "
+          f"shrunk toward {spec.pooling.prior_score} by {spec.pooling.prior_tokens:g} tokens")
+    print(f"  fires at: {phases}; needs {spec.pooling.min_tokens} tokens; re-arms {spec.hysteresis:.3f} below")
+    if spec.kind == "probe":
+        print("  a dense probe over the raw residual: no features to list")
+        return 0
+    for r in out["features"]:
+        share = f"{r['share']:.0%}" if r["share"] is not None else "—"
+        print(f"  #{r['id']:<5} w={r['weight']:+8.3f}  share {share:>4}  {r['label'] or '(unlabelled)'}")
+        for c in r["top_contexts"]:
+            print(f"        {c}")
+    if spec.calibration and spec.calibration.notes:
+        print(f"  calibration: {spec.calibration.notes}")
     return 0

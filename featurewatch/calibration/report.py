@@ -1,0 +1,185 @@
+"""What a detector measures on held-out data, and what its readout reads.
+
+``evaluate`` scores every (record, phase) the way the runtime does — a mean of
+``bias + Σ wᵢ·aᵢ`` over the phase's content tokens, shrunk toward the prior,
+silent below ``min_tokens``, against the phase's own threshold — and reports
+per (phase, group, wrapper): AUROC, recall and FPR at the shipped threshold.
+For a cell holding only negatives (look-alike notices, small talk) the AUROC
+is against the positives of the same phase and wrapper: "can the detector tell
+this hard negative from the real thing?". ``explain`` lists a readout's
+features with weights, labels, top contexts and their share of the score.
+
+Specs are read as plain dicts (the JSON on disk), so this module also works on
+specs that carry fields the installed runtime does not know yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .metrics import auroc
+from .rows import PhaseRows
+from .thresholds import fires, shrunk
+from .wrappers import wrapper_family
+
+
+@dataclass
+class Task:
+    """The (record, phase) pairs a detector is judged on, with its labels."""
+
+    index: np.ndarray  # (m,) rows of a PhaseRows
+    phase: np.ndarray  # (m,) "prompt" | "completion"
+    y: np.ndarray  # (m,) 0/1
+
+
+def raw_scores(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None) -> np.ndarray:
+    """Mean token score of each (record, phase), before the prior."""
+    out = np.empty(len(task.index))
+    for ph in ("prompt", "completion"):
+        sel = task.phase == ph
+        if not sel.any():
+            continue
+        idx = task.index[sel]
+        if spec.get("kind", "sae") == "probe":
+            if probe is None:
+                raise ValueError("a probe spec needs its weight vector")
+            out[sel] = rows.resid[ph][idx] @ probe + spec.get("bias", 0.0)
+        else:
+            ids = [f["id"] for f in spec["features"]]
+            w = np.array([f["weight"] for f in spec["features"]])
+            out[sel] = rows.feats[ph][idx][:, ids] @ w + spec.get("bias", 0.0)
+    return out
+
+
+def pooled_scores(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Runtime scores (with the prior) and token counts of each (record, phase)."""
+    pool = spec.get("pooling", {})
+    n = np.array([rows.n[ph][i] for i, ph in zip(task.index, task.phase)])
+    prior = pool.get("prior_score")
+    raw = raw_scores(spec, rows, task, probe)
+    if prior is None:
+        return raw, n
+    return shrunk(raw, n, prior, pool.get("prior_tokens", 0.0)), n
+
+
+def threshold_of(spec: dict[str, Any], phase: str) -> float:
+    """The phase's own threshold, else the spec's default."""
+    return float((spec.get("phase_thresholds") or {}).get(phase, spec["threshold"]))
+
+
+def _r(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+
+def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per phase and (group, wrapper family): n, AUROC, recall and FPR at the shipped threshold (cached rows)."""
+    score, n = pooled_scores(spec, rows, task, probe)
+    min_tokens = int(spec.get("pooling", {}).get("min_tokens", 1))
+    fire = np.array([fires(np.array([s]), np.array([k]), threshold_of(spec, p), min_tokens)[0]
+                     for s, k, p in zip(score, n, task.phase)], dtype=bool)
+    return table(spec, score, fire, task.y, task.phase, np.array([rows.groups[i] for i in task.index]),
+                 np.array([wrapper_family(rows.wrappers[i]) for i in task.index]))
+
+
+def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, label_phase: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """The same table from the runtime's own results (``Monitor.score_records``): its scores and its alerts.
+
+    A record's label counts in the phase that holds its content (from its ``wrapper`` tag, or
+    ``label_phase``); its other phases are negatives. ``records`` need ``label`` and ``group``/``source``.
+    """
+    from .wrappers import phase_of_content
+
+    score, fire, y, phase, group, family = [], [], [], [], [], []
+    for rec, run in zip(records, runs):
+        tag = str(rec.extra.get("wrapper") or native_tag(rec))
+        own = label_phase or phase_of_content(tag)
+        for ph, by_detector in run.phase_scores.items():  # {phase: {detector: pooled score}}
+            value = by_detector.get(spec["name"])
+            if ph not in spec.get("phases", [ph]) or value is None or math.isnan(value):
+                continue
+            score.append(value)
+            fire.append(any(a.detector == spec["name"] and a.phase == ph for a in run.alerts))
+            y.append(int(rec.extra["label"]) if ph == own else 0)
+            phase.append(ph)
+            group.append(str(rec.extra.get("group", rec.extra.get("source", ""))))
+            family.append(wrapper_family(tag))
+    return table(spec, np.array(score), np.array(fire, dtype=bool), np.array(y), np.array(phase),
+                 np.array(group), np.array(family))
+
+
+def native_tag(record: Any) -> str:
+    """The wrapper tag of an unwrapped record: a document is ``plain``, a chat ending in a reply ``native``."""
+    if getattr(record, "text", None) is not None:
+        return "plain"
+    msgs = getattr(record, "messages", None) or ()
+    return "native" if msgs and msgs[-1]["role"] == "assistant" else "request"
+
+
+def table(spec: dict[str, Any], score: np.ndarray, fire: np.ndarray, y_all: np.ndarray, phase: np.ndarray,
+          grp: np.ndarray, fam: np.ndarray) -> list[dict[str, Any]]:
+    """Rows per phase and (group, wrapper): ``group``/``wrapper`` "(all)" pool every group/wrapper of the phase."""
+    out = []
+    for ph in ("prompt", "completion"):
+        if ph not in spec.get("phases", ["prompt", "completion"]):
+            continue
+        thr = threshold_of(spec, ph)
+        in_ph = phase == ph
+        cells = [("(all)", "(all)")] + [("(all)", w) for w in sorted(set(fam[in_ph]))]
+        cells += sorted({(g, w) for g, w in zip(grp[in_ph], fam[in_ph])})
+        cells += sorted({(g, "(all)") for g in grp[in_ph]})
+        for g, w in cells:
+            sel = in_ph & ((grp == g) if g != "(all)" else True) & ((fam == w) if w != "(all)" else True)
+            y = y_all[sel]
+            if len(y) == 0:
+                continue
+            # AUROC against the other class of the same phase and wrapper when the cell has one class
+            ref = in_ph & ((fam == w) if w != "(all)" else True)
+            if y.min() == y.max():
+                other = ref & (y_all != y[0])
+                s_au = np.concatenate([score[sel], score[other]])
+                y_au = np.concatenate([y, y_all[other]])
+            else:
+                s_au, y_au = score[sel], y
+            f = fire[sel]
+            n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+            out.append({"phase": ph, "group": g, "wrapper": w, "n_pos": n_pos, "n_neg": n_neg,
+                        "auroc": _r(auroc(s_au, y_au)) if len(set(y_au.tolist())) == 2 else None,
+                        "recall": _r(f[y == 1].mean()) if n_pos else None,
+                        "fpr": _r(f[y == 0].mean()) if n_neg else None,
+                        "threshold": round(thr, 4)})
+    return out
+
+
+def explain(spec: dict[str, Any], features_info: dict[int, dict[str, Any]], X_pos: np.ndarray | None = None,
+            *, contexts: int = 3) -> dict[str, Any]:
+    """A readout as a person can check it: per feature id, weight, label, top contexts, share on the positives.
+
+    ``X_pos`` (n, d_sae) pooled activations of positives; without it shares are left out.
+    """
+    feats = spec.get("features", [])
+    w = np.array([f["weight"] for f in feats])
+    shares = None
+    mean_pos = None
+    if X_pos is not None and len(feats):
+        mean_pos = X_pos[:, [f["id"] for f in feats]].mean(0)
+        c = np.abs(w * mean_pos)
+        shares = c / max(float(c.sum()), 1e-12)
+    rows = []
+    for j, f in enumerate(feats):
+        info = features_info.get(f["id"], {})
+        rows.append({"id": f["id"], "weight": round(float(f["weight"]), 4),
+                     "label": f.get("label") or info.get("label"),
+                     "mean_activation_pos": _r(float(mean_pos[j])) if mean_pos is not None else None,
+                     "share": _r(float(shares[j])) if shares is not None else None,
+                     "top_contexts": list(info.get("top_contexts", []))[:contexts]})
+    rows.sort(key=lambda r: -(r["share"] or abs(r["weight"])))
+    return {"detector": spec["name"], "kind": spec.get("kind", "sae"), "bias": spec.get("bias", 0.0),
+            "threshold": spec["threshold"], "phase_thresholds": spec.get("phase_thresholds"),
+            "pooling": spec.get("pooling"), "hysteresis": spec.get("hysteresis", 0.0), "features": rows,
+            "largest_share": rows[0]["share"] if rows and rows[0]["share"] is not None else None}
