@@ -217,7 +217,8 @@ def _point(monitor: Monitor, ivs: list[Intervention], level: float | None, promp
 def _generate(monitor: Monitor, prompts: list[str], ivs: list[Intervention], max_new_tokens: int,
               chat: bool) -> tuple[list[Any], Tensor]:
     """Greedy generations, and the log-probs each step chose from ``(steps, batch, vocab)``, read at the LM head."""
-    head = monitor.model.get_output_embeddings()
+    model: Any = monitor.model
+    head = model.get_output_embeddings()
     steps: list[Tensor] = []
 
     def record(_m: Any, _a: Any, out: Tensor) -> None:
