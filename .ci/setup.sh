@@ -12,7 +12,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first, pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing torch (CPU build)" >&2
-  pip install "torch==2.13.0" || pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  pip install "torch==2.13.0"
 fi
 echo "setup: installing featurewatch and its dependencies" >&2
 pip install -e ".[calibrate,test]"

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (venv, model, Prometheus + Alertmanager) and run the whole suite.
+# Set up everything the tests need (venv, model, Prometheus + Alertmanager), lint and type-check,
+# then run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh
 bash .ci/install-servers.sh
+echo "test: ruff" >&2
+.venv/bin/python -m ruff check featurewatch tests benchmarks examples
+echo "test: mypy" >&2
+.venv/bin/python -m mypy featurewatch
 exec .venv/bin/python -m pytest "$@"

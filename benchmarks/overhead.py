@@ -1,6 +1,6 @@
 """Monitoring overhead on the embedded model: generation speed with and without featurewatch.
 
-Interleaves monitored and unmonitored generations in one process (DESIGN.md §7)
+Interleaves monitored and unmonitored generations in one process
 and reports medians, plus the hook's own time per forward pass and offline
 scoring throughput. Run:
 

@@ -27,7 +27,11 @@ _EXPORTS = {
     "load_pack": "pack",
     "SparseAutoencoder": "sae",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Alert", "BaseSink", "DetectorSpec", "FeatureWatchError", "GenerationBlocked", "GenerationResult",
+    "Intervention", "Monitor", "RunResult", "SparseAutoencoder", "load_pack",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .alert import Alert, RunResult

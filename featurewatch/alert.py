@@ -1,7 +1,7 @@
 """Plain records that leave the monitor: alerts and run results.
 
 These are the objects sinks (callbacks, logs, metrics, LangChain) receive, so
-they are pydantic models that serialise to the JSON shapes in DESIGN.md §4.2.
+they are pydantic models that serialise to the JSON shapes in docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .alert import Action, Phase, Severity
+from .alert import PHASES, Action, Phase, Severity
 
 DETECTOR_NAME = r"^[a-z][a-z0-9-]{0,62}$"
 
@@ -97,7 +97,7 @@ class DetectorSpec(BaseModel):
     hysteresis: float = Field(default=0.0, ge=0, description=(
         "after firing, the pooled score must fall below threshold − hysteresis to re-arm"))
     cooldown_tokens: int = Field(default=0, ge=0, description="tokens after an alert before it may fire again")
-    phases: list[Phase] = Field(default_factory=lambda: ["prompt", "completion"], min_length=1)
+    phases: list[Phase] = Field(default_factory=lambda: list(PHASES), min_length=1)
     action: Action = "alert"
     severity: Severity = "warning"
     calibration: Calibration | None = None

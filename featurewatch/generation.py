@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from .session import Session, TokenReading
 if TYPE_CHECKING:
     from .monitor import Monitor
 
-Prompt = Union[str, Sequence[Mapping[str, str]]]
+Prompt = str | Sequence[Mapping[str, str]]
 
 
 @dataclass
@@ -142,9 +142,9 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
     device = next(monitor.model.parameters()).device
     with session:
-        out = monitor.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, streamer=streamer,
-                                     stopping_criteria=StoppingCriteriaList([_Block()]), **generate_kwargs)
+        generate: Any = monitor.model.generate  # nn.Module's stub does not know generate()
+        out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                       streamer=streamer, stopping_criteria=StoppingCriteriaList([_Block()]), **generate_kwargs)
     results = []
     for r in range(len(prompts)):
         new = out[r, width:].tolist()

@@ -9,6 +9,7 @@ needs — no later layers, no LM head.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -60,31 +61,7 @@ def forward_until(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
                 raise _StopForward
         return hook
 
-    with hooked([(module, make(name, index)) for name, index, module in resolved]):
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+    with hooked([(module, make(name, index)) for name, index, module in resolved]), \
+            contextlib.suppress(_StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return captured
-
-
-def excluded_positions(input_ids: Tensor, attention_mask: Tensor | None, special_ids: Sequence[int],
-                       *, first_position: Tensor | None = None) -> Tensor:
-    """Boolean ``(batch, seq)`` mask of positions kept out of statistics and detection.
-
-    Attention sinks carry norms tens of times the median: the first real token
-    of each row and every special token (chat markers) are excluded, as are pads.
-    """
-    special = torch.isin(input_ids, torch.as_tensor(list(special_ids), dtype=input_ids.dtype,
-                                                      device=input_ids.device))
-    mask = special.clone()
-    if attention_mask is not None:
-        mask |= attention_mask == 0
-        first = attention_mask.long().argmax(dim=1)  # first real token (left padding aware)
-    else:
-        first = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    if first_position is not None:
-        first = first_position
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    mask[rows, first] = True
-    return mask

@@ -79,7 +79,7 @@ class Intervention(BaseModel):
             raise ConfigError(f"cannot read intervention {text!r}: write [HOOKPOINT:]FEATURE:MODE[:VALUE] with MODE "
                               f"one of {', '.join(MODES)}, e.g. 812:clamp:2 or layers.15:812:ablate")
         try:
-            return cls(feature=int(m["feature"]), mode=m["mode"],  # type: ignore[arg-type]
+            return cls(feature=int(m["feature"]), mode=m["mode"],
                        value=None if m["value"] is None else float(m["value"]), hookpoint=m["hp"])
         except ValueError as exc:
             raise ConfigError(f"intervention {text!r}: {exc}") from exc

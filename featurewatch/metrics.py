@@ -1,5 +1,8 @@
 """Prometheus metrics: a sink that turns monitor events into time series.
 
+This module records; :mod:`featurewatch.exposition` serves what is recorded
+(``serve_metrics``, WSGI/ASGI apps, the multiprocess registry).
+
 Why it is built this way:
 
 - **Registry injection.** Every metric lives in the registry handed in
@@ -12,7 +15,7 @@ Why it is built this way:
   registry, so it holds no state beyond the registries' own lives.
 - **Closed label sets.** Labels are ``detector``, ``phase``, ``action``,
   ``model_name``, ``severity``, ``outcome`` and ``stage``: all fixed at attach
-  time (DESIGN.md §4.5). Run ids ride on OpenMetrics *exemplars*, never labels;
+  time (docs/architecture.md, "Metrics"). Run ids ride on OpenMetrics *exemplars*, never labels;
   feature ids and text never reach metrics at all.
 - **Children born at 0.** A counter that first appears at 1 never trips
   ``increase()``, so every alert child (detector × watched phase) and every
@@ -37,27 +40,22 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import os
 import threading
 import weakref
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Sequence
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app, make_wsgi_app,
-                               start_http_server)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .alert import Alert, RunResult
-from .errors import ConfigError, PortInUse
+from .alert import OUTCOMES, Alert, RunResult
+from .errors import ConfigError
 from .sinks import BaseSink, DetectorInfo
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("prompt", "completion")
-OUTCOMES = ("completed", "blocked", "error")
 DEFAULT_ERROR_STAGES = ("pre_hook", "hook", "callback", "sink", "other")
 """The monitor's fault stages, created at 0 in ``featurewatch_errors_total``; any other stage counts as ``other``."""
 
@@ -172,7 +170,7 @@ class PrometheusMetrics(BaseSink):
         registry = CollectorRegistry()
         metrics = PrometheusMetrics(registry=registry)
         monitor = Monitor.default(sinks=[metrics])
-        server = serve_metrics(9464, registry=registry)   # http://127.0.0.1:9464/metrics
+        server = serve_metrics(9464, registry=metrics.registry)   # featurewatch.exposition
 
     Odd but possible events (an alert from a detector never announced, a
     non-finite score, a run that ends without starting, a run id too long for
@@ -182,7 +180,9 @@ class PrometheusMetrics(BaseSink):
     def __init__(self, *, registry: CollectorRegistry | None = None, namespace: str = "featurewatch",
                  score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
                  error_stages: Sequence[str] = DEFAULT_ERROR_STAGES) -> None:
-        self._m = _metrics_for(REGISTRY if registry is None else registry, namespace)
+        self.registry: CollectorRegistry = REGISTRY if registry is None else registry
+        """The registry the metrics live in: serve this one (``serve_metrics(port, registry=sink.registry)``)."""
+        self._m = _metrics_for(self.registry, namespace)
         self._score_buckets = tuple(score_buckets)
         self._stages = frozenset(error_stages) | {"other"}
         self._known: set[tuple[str, str]] = set()  # (model_name, detector) announced in on_attach
@@ -311,82 +311,3 @@ class PrometheusMetrics(BaseSink):
                 return
             self._warned.add(key)
         logger.warning(msg, *args)
-
-
-def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
-    """The registry to serve: ``registry``, else a multiprocess collector when
-    ``PROMETHEUS_MULTIPROC_DIR`` is set (read now, not at import), else the default."""
-    if registry is not None:
-        return registry
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
-        return merged
-    return REGISTRY
-
-
-class MetricsServer:
-    """A running ``/metrics`` HTTP server in a daemon thread; :meth:`close` stops it (idempotent)."""
-
-    def __init__(self, httpd: Any, thread: threading.Thread, addr: str) -> None:
-        self._httpd: Any = httpd
-        self._thread = thread
-        self.addr = addr
-        self.port: int = httpd.server_port
-
-    @property
-    def url(self) -> str:
-        """The scrape URL, e.g. ``http://127.0.0.1:9464/metrics``."""
-        host = f"[{self.addr}]" if ":" in self.addr else self.addr
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "MetricsServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def serve_metrics(port: int, *, addr: str = "127.0.0.1",
-                  registry: CollectorRegistry | None = None) -> MetricsServer:
-    """Serve the metrics over HTTP on ``addr:port`` (port 0 picks a free one) until ``close()``.
-
-    Loopback by default: metrics name the detectors a deployment runs, so
-    exposing them beyond the host is a choice (``addr="0.0.0.0"``). The server
-    answers with the OpenMetrics format (exemplars included) when the scraper
-    asks for it, and the classic text format otherwise.
-    """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"metrics port must be an integer in 0..65535 (0 = a free port), got {port!r}")
-    try:
-        httpd, thread = start_http_server(port, addr=addr, registry=exposition_registry(registry))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(f"metrics port {port} on {addr} is already in use by another process; "
-                            f"choose another port (e.g. --metrics-port {port + 1 if port < 65535 else 9464}) "
-                            f"or 0 to pick a free one") from exc
-        raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
-    server = MetricsServer(httpd, thread, addr)
-    logger.info("serving metrics at %s", server.url)
-    return server
-
-
-def metrics_wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """A WSGI app that serves the metrics; mount it at ``/metrics`` (e.g. with werkzeug's DispatcherMiddleware)."""
-    return make_wsgi_app(exposition_registry(registry))
-
-
-def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """An ASGI app that serves the metrics; mount it at ``/metrics`` (e.g. ``app.mount("/metrics", ...)``)."""
-    return make_asgi_app(exposition_registry(registry))

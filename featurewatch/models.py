@@ -113,7 +113,7 @@ def load_model(model: str | Path | None = None, *, gguf_file: str | None = None,
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    lm.to(device).eval()
+    lm.to(device).eval()  # type: ignore[arg-type]  # transformers decorates .to(); its stub loses self
     return LoadedModel(lm, tokenizer, name)
 
 

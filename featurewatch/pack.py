@@ -1,6 +1,6 @@
 """Packs: versioned bundles of SAEs, feature labels and calibrated detectors for one model.
 
-Layout (DESIGN.md §4.3)::
+Layout (docs/architecture.md, "Pack layout")::
 
     <pack>/pack.json          manifest: model, hookpoints → SAE dirs, version, provenance
     <pack>/sae/<hookpoint>/   SAELens layout
@@ -10,6 +10,11 @@ Layout (DESIGN.md §4.3)::
 Packs shipped with featurewatch live in the ``featurewatch.detectors`` package
 data (the repository's top-level ``detectors/``). Everything is validated at
 load so a bad pack fails before it touches a model.
+
+A pack is data someone else may have written, so it is confined: every path
+it names (SAE directories, probe weights) and every file it holds resolves,
+symlinks followed, to a place inside the pack directory, and only regular
+files are opened (a FIFO or a device would hang or flood the loader).
 """
 
 from __future__ import annotations
@@ -94,8 +99,8 @@ class Pack:
 
     def probe_weight(self, spec: DetectorSpec) -> torch.Tensor:
         """The ``(d_model,)`` weight of a probe detector."""
-        return _load_probe(self.path / str(spec.probe_weights), self.saes[spec.hookpoint].d_in
-                           if spec.hookpoint in self.saes else None)
+        path = confined(self.path, str(spec.probe_weights), what=f"detector {spec.name!r} probe_weights")
+        return _load_probe(path, self.saes[spec.hookpoint].d_in if spec.hookpoint in self.saes else None)
 
 
 def shipped_packs_dir() -> Path:
@@ -119,7 +124,31 @@ def resolve_pack_path(name_or_path: str | Path) -> Path:
                       f"shipped packs: {', '.join(list_packs()) or 'none'}")
 
 
+def confined(root: Path, rel: str, *, what: str) -> Path:
+    """``root / rel`` with symlinks resolved, refused unless it stays inside ``root``."""
+    base = root.resolve()
+    if Path(rel).is_absolute():
+        raise ConfigError(f"{root}: {what} {rel!r} is an absolute path; paths in a pack are relative to the "
+                          "pack directory: copy the file into the pack and name it relative to it")
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise ConfigError(f"{root}: {what} {rel!r} resolves to {target}, outside the pack; paths in a pack "
+                          "must stay inside its directory: copy the file into the pack")
+    return target
+
+
+def _check_regular(path: Path, root: Path) -> None:
+    """Refuse a pack entry that leaves the pack through a symlink or is not a regular file or directory."""
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ConfigError(f"{path} is a link to {target}, outside the pack; copy the file into the pack")
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        raise ConfigError(f"{path} is not a regular file (a FIFO, socket or device); replace it with the file")
+
+
 def _read_json(path: Path) -> Any:
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; a pack holds plain JSON files")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -145,6 +174,8 @@ def load_spec(path: str | Path) -> DetectorSpec:
 def _load_probe(path: Path, d_in: int | None) -> torch.Tensor:
     from safetensors.torch import load_file
 
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"probe weights {path} are not a regular file; give a .safetensors file")
     try:
         weight = load_file(str(path))["weight"].float()
     except FileNotFoundError as exc:
@@ -160,14 +191,20 @@ def _load_probe(path: Path, d_in: int | None) -> torch.Tensor:
 
 def load_pack(name_or_path: str | Path = DEFAULT_PACK) -> Pack:
     """Load and validate a pack by shipped name or path."""
-    root = resolve_pack_path(name_or_path)
+    root = resolve_pack_path(name_or_path).resolve()
+    for entry in root.iterdir():
+        _check_regular(entry, root)
     try:
         manifest = PackManifest.model_validate(_read_json(root / "pack.json"))
     except ValidationError as exc:
         raise ConfigError(_validation_message(root / "pack.json", exc)) from None
     saes: dict[str, SparseAutoencoder] = {}
     for hookpoint, rel in manifest.hookpoints.items():
-        saes[normalize_hookpoint(hookpoint)] = SparseAutoencoder.load(root / rel)
+        sae_dir = confined(root, rel, what=f"pack.json hookpoints[{hookpoint!r}]")
+        if sae_dir.is_dir():
+            for entry in sae_dir.iterdir():
+                _check_regular(entry, root)
+        saes[normalize_hookpoint(hookpoint)] = SparseAutoencoder.load(sae_dir)
     features: dict[str, dict[int, FeatureInfo]] = {}
     if (root / "features.json").is_file():
         raw = _read_json(root / "features.json")
@@ -203,6 +240,7 @@ def _check_spec(spec: DetectorSpec, path: Path, saes: dict[str, SparseAutoencode
                 raise FeatureOutOfRange(f"{path}: feature {f.id} is out of range; the SAE at {hookpoint} "
                                         f"has features 0 … {d_sae - 1}")
     else:
-        _load_probe(root / str(spec.probe_weights), saes[hookpoint].d_in if hookpoint in saes else None)
+        probe = confined(root, str(spec.probe_weights), what="probe_weights")
+        _load_probe(probe, saes[hookpoint].d_in if hookpoint in saes else None)
     if not math.isfinite(spec.threshold):
         raise ConfigError(f"{path}: threshold must be finite")

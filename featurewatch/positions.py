@@ -28,6 +28,37 @@ import torch
 from torch import Tensor
 
 
+def first_real(attention_mask: Tensor | None, batch_size: int) -> Tensor:
+    """Position of each row's first real token ``(batch,)`` — the attention sink (left padding aware)."""
+    if attention_mask is None:
+        return torch.zeros(batch_size, dtype=torch.long)
+    return attention_mask.detach().cpu().long().argmax(dim=1)
+
+
+def excluded(token_ids: Tensor, positions: Tensor, sink: Tensor, special: Tensor,
+             attention_mask: Tensor | None = None) -> Tensor:
+    """The one exclusion rule, ``(batch, n)`` bool: special tokens, padding and the attention sink.
+
+    ``token_ids`` ``(batch, n)`` at ``positions`` ``(n,)``; ``sink`` ``(batch,)`` each row's first real
+    position; ``attention_mask`` ``(batch, n)`` for the same window. These tokens carry norms tens of
+    times the median (or are not text at all), so nothing — detection, statistics, SAE training,
+    steering — reads them.
+    """
+    out = torch.isin(token_ids, special.to(token_ids.device)) | (positions.unsqueeze(0) == sink.unsqueeze(1))
+    if attention_mask is not None:
+        out |= attention_mask == 0
+    return out
+
+
+def excluded_positions(input_ids: Tensor, attention_mask: Tensor | None, special_ids: Sequence[int]) -> Tensor:
+    """:func:`excluded` for whole sequences ``(batch, seq)`` (offline work: training, calibration)."""
+    ids = input_ids.detach().cpu()
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    mask = attention_mask.detach().cpu() if attention_mask is not None else None
+    out = excluded(ids, torch.arange(ids.shape[1]), first_real(mask, ids.shape[0]), special, mask)
+    return out.to(input_ids.device)
+
+
 @dataclass(frozen=True)
 class StepTokens:
     """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token."""
@@ -77,19 +108,15 @@ class PositionTracker:
         else:
             new_ids = torch.full((b, n_new), -1, dtype=torch.long)
         positions = torch.arange(start, start + n_new)
-        excluded = torch.isin(new_ids, self.special)
-        if attention_mask is not None:
-            mask = attention_mask.detach().cpu()
-            if self.first_real is None:
-                self.first_real = mask.long().argmax(dim=1)
-            excluded |= mask[:, start:start + n_new] == 0
-        elif self.first_real is None:
-            self.first_real = torch.zeros(b, dtype=torch.long)
-        excluded |= positions.unsqueeze(0) == self.first_real.unsqueeze(1)
-        steerable = ~excluded
+        mask = attention_mask.detach().cpu() if attention_mask is not None else None
+        if self.first_real is None:
+            self.first_real = first_real(mask, b)
+        window = mask[:, start:start + n_new] if mask is not None else None
+        out = excluded(new_ids, positions, self.first_real, self.special, window)
+        steerable = ~out
         if self.content is not None and start < self.content.shape[1]:
-            window = self.content[:, start:start + n_new]
-            excluded[:, :window.shape[1]] |= ~window
+            content = self.content[:, start:start + n_new]
+            out[:, :content.shape[1]] |= ~content
         if self.n_prompt is None:
             self.n_prompt = [start + n_new] * b
         n_prompt = torch.tensor(self.n_prompt).unsqueeze(1)
@@ -99,7 +126,7 @@ class PositionTracker:
             run=torch.arange(b).repeat_interleave(n_new),
             position=positions.repeat(b),
             completion=(positions.unsqueeze(0) >= n_prompt).flatten(),
-            read=(~excluded).flatten(),
+            read=(~out).flatten(),
             steerable=steerable.flatten(),
             token_id=new_ids.flatten(),
         )

@@ -1,4 +1,4 @@
-"""Record files (DESIGN.md §4.1) and their rendering into tokens with phases.
+"""Record files (docs/architecture.md, "Record format") and their rendering into tokens with phases.
 
 A record has ``text`` (a raw document, all prompt phase) or ``messages`` (a
 chat rendered with the model's chat template; when the last message is the
@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-from .errors import RecordError
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .alert import COMPLETION, PHASES, PROMPT
+from .errors import RecordError
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("system", "user", "assistant")
 __all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "parse_record", "render",
@@ -72,40 +74,50 @@ def parse_record(obj: Any, *, line: int, path: str | None = None) -> Record:
             raise bad("'text' must be a non-empty string")
         text = obj["text"]
     else:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise bad("'messages' must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise bad(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": str}}")
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+        messages = _parse_messages(obj["messages"], bad)
     rid = obj.get("id", f"line-{line}")
     extra = {k: v for k, v in obj.items() if k not in ("id", "text", "messages")}
     return Record(id=str(rid), text=text, messages=messages, extra=extra, line=line)
 
 
+def _parse_messages(msgs: Any, bad: Callable[[str], RecordError]) -> tuple[dict[str, str], ...]:
+    """Check a chat: known roles, string contents, and a prompt turn before a final assistant reply."""
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object {{\"role\": ..., \"content\": str}}")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad(f"messages[{i}] has role {role!r}; valid roles: {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise bad(f"messages[{i}] needs a string 'content'")
+    if all(m["role"] == "assistant" for m in msgs):
+        # a final assistant message is the completion; the chat template needs a prompt turn before it
+        raise bad("a chat needs a system or user message before the assistant's reply (the prompt)")
+    return tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+
+
 def iter_records(path: str | Path, *, skip_invalid: bool = False,
-                 on_skip: Any = None) -> Iterator[Record]:
+                 on_skip: Callable[[RecordError], Any] | None = None) -> Iterator[Record]:
     """Yield records from a JSONL file; a malformed line raises :class:`RecordError` naming it.
 
-    With ``skip_invalid``, bad lines are passed to ``on_skip(error)`` instead (never dropped silently).
+    Lines are decoded one at a time, so bytes that are not UTF-8 (a binary
+    file) and JSON nested past Python's recursion limit are errors of their
+    line. With ``skip_invalid``, bad lines are passed to ``on_skip(error)``
+    instead (never dropped silently).
     """
     p = Path(path)
+    if p.is_dir():
+        raise RecordError(f"cannot read {p}: it is a directory; give a JSONL file", path=str(p))
     try:
-        handle = p.open(encoding="utf-8")
+        handle = p.open("rb")
     except OSError as exc:
         raise RecordError(f"cannot open {p}: {exc.strerror}", path=str(p)) from exc
     with handle:
         for n, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
             try:
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"invalid JSON ({exc.msg} at column {exc.colno})",
-                                      path=str(p), line=n) from exc
-                yield parse_record(obj, line=n, path=str(p))
+                record = _parse_line(raw, n, str(p))
             except RecordError as exc:
                 if not skip_invalid:
                     raise
@@ -113,6 +125,28 @@ def iter_records(path: str | Path, *, skip_invalid: bool = False,
                     raise RecordError("skip_invalid needs an on_skip callback so skipped lines are reported",
                                       path=str(p), line=n) from exc
                 on_skip(exc)
+                continue
+            if record is not None:
+                yield record
+
+
+def _parse_line(raw: bytes, n: int, path: str) -> Record | None:
+    """One JSONL line as a record; ``None`` for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                          "record files must be UTF-8 JSONL", path=path, line=n) from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=n) from None
+    except RecursionError:
+        raise RecordError("JSON nested too deeply to read; a record is a flat object", path=path,
+                          line=n) from None
+    return parse_record(obj, line=n, path=path)
 
 
 def load_records(path: str | Path, **kwargs: Any) -> list[Record]:

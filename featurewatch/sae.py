@@ -1,6 +1,6 @@
 """Sparse autoencoders: one internal form, several file formats.
 
-Every supported format maps onto the same arithmetic (see SAE_NOTES.md)::
+Every supported format maps onto the same arithmetic (docs/architecture.md, "SAE files")::
 
     pre   = (s·x − [sub]·b_dec) @ W_enc + b_enc
     f     = relu(pre) | pre·1[pre > θ] (JumpReLU) | top-k of relu(pre)
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, SAEFormatError
+from .sae_formats import SAEFields, read_fields
 
 Architecture = Literal["standard", "jumprelu", "topk"]
 ARCHITECTURES: tuple[str, ...] = ("standard", "jumprelu", "topk")
@@ -67,9 +68,8 @@ class SparseAutoencoder(nn.Module):
             if tuple(tensor.shape) != expected[name]:
                 raise SAEFormatError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
                                      f"for W_enc of shape {(d_in, d_sae)}")
-        if arch == "jumprelu":
-            if threshold is None or tuple(threshold.shape) != (d_sae,):
-                raise SAEFormatError(f"a jumprelu SAE needs a threshold of shape ({d_sae},)")
+        if arch == "jumprelu" and (threshold is None or tuple(threshold.shape) != (d_sae,)):
+            raise SAEFormatError(f"a jumprelu SAE needs a threshold of shape ({d_sae},)")
         if arch == "topk" and (k is None or not 0 < k <= d_sae):
             raise ConfigError(f"a topk SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
         if not (math.isfinite(input_scale) and input_scale > 0):
@@ -206,10 +206,15 @@ class SparseAutoencoder(nn.Module):
     def load(cls, path: str | Path, *, input_scale: float | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "SparseAutoencoder":
         """Load an SAE directory (SAELens, EleutherAI sparsify) or a Gemma Scope ``params.npz``."""
-        from . import _sae_formats
+        return cls.from_fields(read_fields(Path(path), input_scale=input_scale)).to(device=device, dtype=dtype)
 
-        sae = _sae_formats.load(Path(path), input_scale=input_scale)
-        return sae.to(device=device, dtype=dtype)
+    @classmethod
+    def from_fields(cls, fields: SAEFields) -> "SparseAutoencoder":
+        """Build an SAE from what a format reader returned."""
+        return cls(fields.W_enc, fields.W_dec, fields.b_enc, fields.b_dec, architecture=fields.architecture,
+                   threshold=fields.threshold, k=fields.k, apply_b_dec_to_input=fields.apply_b_dec_to_input,
+                   input_scale=fields.input_scale, hook_name=fields.hook_name, model_name=fields.model_name,
+                   metadata=fields.metadata)
 
 
 class SubsetEncoder:

@@ -9,6 +9,7 @@ the monitor would have seen live. :class:`ScoreRow` is the typed line that
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,10 @@ def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: in
     if batch_size < 1 or max_tokens < 2:
         raise ConfigError(f"batch_size={batch_size}, max_tokens={max_tokens}: both must be positive "
                           "(max_tokens at least 2)")
+    context = getattr(getattr(monitor.model, "config", None), "max_position_embeddings", None)
+    if context is not None and max_tokens > context:
+        raise ConfigError(f"max_tokens={max_tokens} exceeds the model's context of {context} tokens; "
+                          f"use at most {context}")
     batch: list[Record] = []
     for record in records:
         batch.append(record)
@@ -96,9 +101,6 @@ def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int) -> Iter
     device = next(monitor.model.parameters()).device
     session = monitor.session(len(batch), n_prompt=[r.n_prompt for r in rendered],
                               content=[r.content for r in rendered], stop_after_deepest=True)
-    with session, torch.inference_mode():
-        try:
-            monitor.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        except _StopForward:
-            pass
+    with session, torch.inference_mode(), contextlib.suppress(_StopForward):
+        monitor.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     yield from zip(batch, session.results())

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .alert import COMPLETION, PROMPT, Alert, RunResult
+from .alert import COMPLETION, PROMPT, Alert, Outcome, RunResult
 from .errors import ConfigError
 from .pooling import PhasePool
 from .positions import PositionTracker, StepTokens
@@ -167,7 +167,7 @@ class Session:
         for (name, phase), pool in run.pools.items():
             if pool.n:
                 phase_scores.setdefault(phase, {})[name] = pool.value
-        outcome = "error" if self.error else "blocked" if run.blocked else "completed"
+        outcome: Outcome = "error" if self.error else "blocked" if run.blocked else "completed"
         return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
                          phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
                          degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())

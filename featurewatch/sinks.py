@@ -8,6 +8,7 @@ stage ``"sink"``), and carries on — unless the monitor is fail-closed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -118,7 +119,5 @@ class Fanout:
                          exc_info=exc)
         for sink in self.sinks:
             if sink is not skip and hasattr(sink, "on_error"):
-                try:
+                with contextlib.suppress(Exception):  # reporting a fault must not raise another
                     sink.on_error(stage=stage, error=exc)
-                except Exception:  # noqa: BLE001 — reporting a fault must not raise another
-                    pass

@@ -13,7 +13,6 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from featurewatch.alert import Alert, RunResult
-
 from featurewatch.sae import SparseAutoencoder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -202,3 +201,28 @@ def make_pack(root: Any, *, d_in: int = 576, d_sae: int = 64, hookpoint: str = "
             "threshold": 0.0, "phases": ["prompt", "completion"]}]:
         (root / f"{spec['name']}.json").write_text(json.dumps(spec))
     return root
+
+
+# --- the command line on a tiny model: a real `--model DIR` that loads in about a second ---
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: Any, smollm: Any) -> Any:
+    """A 2-layer, width-16 Llama saved with the embedded model's real tokenizer (chat template included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm.tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    root = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(cfg).eval().save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_pack(tmp_path_factory: Any) -> Any:
+    """A pack for :func:`tiny_lm_dir`: a hand-seeded SAE at layers.1 and the ``demo`` detector."""
+    return make_pack(tmp_path_factory.mktemp("tiny-pack") / "pack", d_in=16, d_sae=8, hookpoint="layers.1")

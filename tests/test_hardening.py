@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_sae
 from featurewatch.alert import RunResult
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.errors import ConfigError, MonitorError
 from featurewatch.monitor import Monitor
 from featurewatch.sinks import BaseSink
-
-from conftest import build_sae
 
 HP = "layers.1"
 
@@ -109,9 +108,8 @@ def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_tokenizer: 
         session = m.session()
         with session:
             tiny_llama(input_ids=torch.tensor([[2, 3, 4]]))
-        with pytest.raises(ConfigError, match="single-use"):
-            with session:
-                pass
+        with pytest.raises(ConfigError, match="single-use"), session:
+            pass
     assert len(ended) == 1
 
 
@@ -156,3 +154,15 @@ def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_llama: Any, t
         long = m.generate("abc", max_new_tokens=8, min_new_tokens=8)
     assert not short.alerts and "completion" in short.phase_scores
     assert len(long.alerts) == 1
+
+
+def test_scoring_refuses_a_max_tokens_past_the_context(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    from featurewatch.records import parse_record
+
+    record = parse_record({"text": "abc"}, line=1)
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+        with pytest.raises(ConfigError, match="context of 128 tokens"):
+            list(m.score_records([record], max_tokens=4096))
+        with pytest.raises(ConfigError, match="max_tokens=0"):
+            list(m.score_records([record], max_tokens=0))
+        assert len(list(m.score_records([record], max_tokens=128))) == 1

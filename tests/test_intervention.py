@@ -7,14 +7,13 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_sae
 from featurewatch.errors import ConfigError
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
 from featurewatch.monitor import Monitor
 from featurewatch.positions import StepTokens
 from featurewatch.session import RunState
-
-from conftest import build_sae
 
 HP = "layers.1"
 

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from featurewatch.errors import ConfigError, PortInUse
-from featurewatch.metrics import (DEFAULT_ERROR_STAGES, PrometheusMetrics, exposition_registry, metrics_asgi_app,
-                                  metrics_wsgi_app, serve_metrics)
+from featurewatch.exposition import exposition_registry, metrics_asgi_app, metrics_wsgi_app, serve_metrics
+from featurewatch.metrics import DEFAULT_ERROR_STAGES, PrometheusMetrics
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -290,3 +290,12 @@ def test_multiprocess_mode_merges_worker_processes(tmp_path: Path, monkeypatch: 
     multiprocess.mark_process_dead(pids[0], str(tmp_path))
     assert value(merged, "featurewatch_generations_in_flight", model_name="tiny") == 1
     assert value(merged, "featurewatch_alerts_total", **labels) == 2  # counters outlive their process
+
+
+def test_the_sink_names_its_registry_so_it_can_be_served(registry: CollectorRegistry) -> None:
+    from prometheus_client import REGISTRY
+
+    assert PrometheusMetrics(registry=registry).registry is registry
+    assert PrometheusMetrics().registry is REGISTRY  # what `featurewatch run --metrics-port` crashed on
+    with serve_metrics(0, registry=PrometheusMetrics(registry=registry).registry) as server:
+        assert server.port > 0

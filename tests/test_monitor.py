@@ -8,16 +8,22 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import build_sae
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
-from featurewatch.errors import (ConfigError, FeatureOutOfRange, FeatureWatchError, GenerationBlocked,
-                                 HookpointNotFound, MonitorError, WidthMismatch)
+from featurewatch.errors import (
+    ConfigError,
+    FeatureOutOfRange,
+    FeatureWatchError,
+    GenerationBlocked,
+    HookpointNotFound,
+    MonitorError,
+    WidthMismatch,
+)
 from featurewatch.hooks import unwrap
 from featurewatch.monitor import Monitor
 from featurewatch.session import current_session
 from featurewatch.sinks import BaseSink
-
-from conftest import build_sae
 
 HP = "layers.1"
 WATCH = [0, 3, 5, 9]
@@ -125,10 +131,10 @@ def test_concurrent_threads_never_see_each_others_readings(monitor: Monitor) -> 
 def test_hooks_are_removed_on_exit_even_after_an_exception(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     layer = tiny_llama.model.layers[1]
     before = (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks))
-    with pytest.raises(RuntimeError, match="boom"):
-        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]}):
-            assert len(layer._forward_hooks) == before[0] + 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), \
+            Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]}):
+        assert len(layer._forward_hooks) == before[0] + 1
+        raise RuntimeError("boom")
     assert (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks)) == before
 
 
@@ -183,9 +189,9 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
 def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     assert not issubclass(GenerationBlocked, FeatureWatchError)
     with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m:
-        with pytest.raises(GenerationBlocked) as info:
-            m.generate("abc", max_new_tokens=20, min_new_tokens=0)
+                 detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m, \
+            pytest.raises(GenerationBlocked) as info:
+        m.generate("abc", max_new_tokens=20, min_new_tokens=0)
     result = info.value.result
     assert result.outcome == "blocked"
     assert len(result.token_ids) < 20

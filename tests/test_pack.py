@@ -68,3 +68,54 @@ def test_the_default_pack_ships_as_package_data() -> None:
     pack = load_pack()
     assert pack.manifest.model == "SmolLM2-135M-Instruct"
     assert pack.select(None) and all(d.calibration is not None for d in pack.select(None))
+
+
+# --- confinement (issue 7): a pack names files inside itself only, and only regular files are opened ---
+
+def _probe_spec(probe_weights: str) -> dict:
+    return spec(kind="probe", features=[], probe_weights=probe_weights)
+
+
+@pytest.mark.parametrize("where", ["../../outside.safetensors", "/etc/passwd"])
+def test_probe_paths_outside_the_pack_are_refused(tmp_path: Path, where: str) -> None:
+    root = make_pack(tmp_path / "p", detectors=[_probe_spec(where)])
+    with pytest.raises(ConfigError, match="outside the pack|absolute path") as info:
+        load_pack(root)
+    assert where in str(info.value) and "copy the file into the pack" in str(info.value)
+
+
+def test_a_hookpoint_directory_outside_the_pack_is_refused(tmp_path: Path) -> None:
+    root = make_pack(tmp_path / "p")
+    other = make_pack(tmp_path / "other")
+    manifest = json.loads((root / "pack.json").read_text())
+    manifest["hookpoints"] = {"layers.3": "../other/sae/layers.3"}
+    (root / "pack.json").write_text(json.dumps(manifest))
+    assert (other / "sae" / "layers.3").is_dir()
+    with pytest.raises(ConfigError, match=r"hookpoints\['layers.3'\].*outside the pack"):
+        load_pack(root)
+
+
+def test_a_symlink_leaving_the_pack_is_refused(tmp_path: Path) -> None:
+    root = make_pack(tmp_path / "p")
+    (tmp_path / "elsewhere.json").write_text(json.dumps(spec(name="sneaky")))
+    (root / "sneaky.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ConfigError, match="sneaky.json is a link to .*outside the pack"):
+        load_pack(root)
+
+
+def test_a_fifo_in_the_pack_is_refused_instead_of_hanging(tmp_path: Path) -> None:
+    import os
+
+    root = make_pack(tmp_path / "p", detectors=[_probe_spec("probes/demo.safetensors")])
+    (root / "probes").mkdir()
+    os.mkfifo(root / "probes" / "demo.safetensors")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_pack(root)  # reading the FIFO would block forever
+    os.unlink(root / "probes" / "demo.safetensors")
+    os.mkfifo(root / "extra.json")
+    with pytest.raises(ConfigError, match="extra.json is not a regular file"):
+        load_pack(root)
+
+
+def test_the_shipped_pack_still_loads() -> None:
+    assert "scam-email" in load_pack().detectors

@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry
 
 from featurewatch import GenerationBlocked, Monitor
 from featurewatch.alert import Alert
-from featurewatch.metrics import PrometheusMetrics, serve_metrics
+from featurewatch.exposition import serve_metrics
+from featurewatch.metrics import PrometheusMetrics
 from featurewatch.sinks import DetectorInfo
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -204,7 +205,7 @@ def servers(registry: CollectorRegistry, require_tool: Any, free_port: Callable[
                       f"--storage.tsdb.path={tmp_path / 'prom-data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
                       "--enable-feature=exemplar-storage"], logs[1])
         for port in (am_port, prom_port):
-            wait_for(f"127.0.0.1:{port}/-/ready", lambda: urllib.request.urlopen(
+            wait_for(f"127.0.0.1:{port}/-/ready", lambda port=port: urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/-/ready", timeout=5).status == 200, logs)
         yield Stack(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", webhook, logs)
 
@@ -292,6 +293,7 @@ def test_every_dashboard_query_returns_data(servers: Stack, drive_events: EventS
             for var, value in values.items():
                 expr = expr.replace(var, value)
             assert "$" not in expr, expr
-            result = wait_for(f"data for panel {panel['title']!r}: {expr}", lambda: finite(expr), servers.logs)
+            result = wait_for(f"data for panel {panel['title']!r}: {expr}", lambda expr=expr: finite(expr),
+                              servers.logs)
             for series in result:
                 assert series["metric"].get("model_name", model) == model, (panel["title"], series)

@@ -86,3 +86,57 @@ def test_pad_right_masks_the_padding() -> None:
     ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# --- hardening (issue 7): bad bytes, deep nesting and chats without a prompt are errors of their line ---
+
+def test_non_utf8_bytes_are_an_error_naming_the_line_and_can_be_skipped(tmp_path: Path) -> None:
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9"}\n{"id": "c", "text": "ok"}\n')
+    with pytest.raises(RecordError, match=r"in\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_records(p)
+    skipped: list[RecordError] = []
+    assert [r.id for r in iter_records(p, skip_invalid=True, on_skip=skipped.append)] == ["a", "c"]
+    assert [e.line for e in skipped] == [2]
+
+
+def test_a_binary_file_is_a_record_error_not_a_decode_traceback(tmp_path: Path) -> None:
+    p = tmp_path / "image.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(RecordError, match=r"image\.png:1: not UTF-8 text \(byte 0x89"):
+        load_records(p)
+
+
+def test_deeply_nested_json_is_a_record_error_naming_the_line(tmp_path: Path) -> None:
+    p = write(tmp_path, '{"text": "fine"}', '{"text": "x", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RecordError, match=r"in\.jsonl:2: JSON nested too deeply"):
+        load_records(p)
+    skipped: list[RecordError] = []
+    assert len(list(iter_records(p, skip_invalid=True, on_skip=skipped.append))) == 1 and len(skipped) == 1
+
+
+def test_a_byte_order_mark_on_the_first_line_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "in.jsonl"
+    p.write_bytes('\ufeff{"id": "a", "text": "hello"}\n'.encode())
+    assert [r.id for r in load_records(p)] == ["a"]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "assistant", "content": "Hello!"}], "needs a system or user message before the assistant"),
+    ([{"role": "bogus", "content": "hi"}], "role 'bogus'; valid roles: system, user, assistant"),
+    ([{"role": "user", "content": "hi"}, {"role": "User", "content": "x"}], r"messages\[1\] has role 'User'"),
+    ([], "non-empty list"),
+    ([{"role": "user", "content": 3}], "string 'content'"),
+    (["hi"], r"messages\[0\] must be an object"),
+])
+def test_bad_chats_are_rejected_at_validation_naming_the_line(tmp_path: Path, messages: list, message: str) -> None:
+    import json
+
+    p = write(tmp_path, '{"text": "first"}', json.dumps({"id": "x", "messages": messages}))
+    with pytest.raises(RecordError, match=r"in\.jsonl:2: .*" + message):
+        load_records(p)
+
+
+def test_a_directory_is_a_record_error(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="is a directory"):
+        load_records(tmp_path)

@@ -30,7 +30,8 @@ def identity_sae(d: int = 4, *, architecture: str = "standard", **kwargs: object
     return build_sae(d, d, architecture=architecture, **parts)
 
 
-def random_sae(architecture: str, *, d_in: int = 8, d_sae: int = 24, seed: int = 0, **kwargs: object) -> SparseAutoencoder:
+def random_sae(architecture: str, *, d_in: int = 8, d_sae: int = 24, seed: int = 0,
+               **kwargs: object) -> SparseAutoencoder:
     """A random SAE whose JumpReLU thresholds differ per feature and gate some features off."""
     if architecture == "jumprelu":
         g = torch.Generator().manual_seed(seed + 100)

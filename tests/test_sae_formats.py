@@ -228,7 +228,8 @@ def test_pre_v6_hook_point_and_relu(tmp_path: Path) -> None:
     cfg = {"hook_point": "blocks.2.hook_resid_post", "d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "relu",
            "apply_b_dec_to_input": False, "normalize_activations": None}
     sae = SparseAutoencoder.load(write_saelens(tmp_path / "old", cfg))
-    assert (sae.architecture, sae.hook_name, sae.apply_b_dec_to_input) == ("standard", "blocks.2.hook_resid_post", False)
+    assert (sae.architecture, sae.hook_name, sae.apply_b_dec_to_input) == (
+        "standard", "blocks.2.hook_resid_post", False)
     x = randn(5, D_IN, seed=9)
     torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc + sae.b_enc))
 
@@ -294,7 +295,8 @@ def test_wrong_tensor_shape_in_file(tmp_path: Path) -> None:
     tensors = {"W_enc": torch.zeros(D_IN, D_SAE), "W_dec": torch.zeros(D_IN, D_SAE),  # transposed decoder
                "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D_IN)}
     path = write_saelens(tmp_path / "sae", v6_cfg(), tensors)
-    with pytest.raises(SAEFormatError, match=re.escape(f"W_dec has shape ({D_IN}, {D_SAE}), expected ({D_SAE}, {D_IN})")):
+    expected = f"W_dec has shape ({D_IN}, {D_SAE}), expected ({D_SAE}, {D_IN})"
+    with pytest.raises(SAEFormatError, match=re.escape(expected)):
         SparseAutoencoder.load(path)
 
 
@@ -341,7 +343,8 @@ def test_missing_directory(tmp_path: Path) -> None:
 def test_directory_without_weights_lists_what_it_found(tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(SAEFormatError, match=r"holds no SAE weights.*sae_weights\.safetensors.*found cfg\.json, notes\.txt$"):
+    with pytest.raises(SAEFormatError,
+                       match=r"holds no SAE weights.*sae_weights\.safetensors.*found cfg\.json, notes\.txt$"):
         SparseAutoencoder.load(tmp_path)
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RecordError
+from ..errors import ConfigError, RecordError
 from ..records import Record, load_records
+from ..sae import SparseAutoencoder
 from ..training.harvest import is_held_out
 from .extract import TokenActs, extract
 
@@ -78,3 +79,36 @@ def cached_acts(model: Any, tokenizer: Any, data: Labelled, hookpoint: str, *, m
     if path is not None:
         acts.save(path)
     return acts
+
+
+@dataclass
+class PooledSet:
+    """One labelled file with its records' pooled activations: ``(n_records, d_sae)`` and ``(n_records, d_model)``."""
+
+    data: Labelled
+    features: np.ndarray | None
+    residuals: np.ndarray
+
+
+def pooled_sets(model: Any, tokenizer: Any, model_name: str, sae: SparseAutoencoder, hookpoint: str,
+                paths: list[str | Path], *, phase: str, with_features: bool, max_records: int | None,
+                max_tokens: int, cache_dir: Path | None, progress: Any = None) -> list[PooledSet]:
+    """Per file, its records pooled over ``phase`` (``prompt``, ``completion`` or ``all``).
+
+    A record with no token in ``phase`` is an error naming its lines: pooling
+    over nothing would silently put it at zero.
+    """
+    out = []
+    for path in paths:
+        data = load_labelled(path, max_records=max_records)
+        acts = cached_acts(model, tokenizer, data, hookpoint, max_tokens=max_tokens, cache_dir=cache_dir,
+                           model_name=model_name, progress=progress)
+        ph = None if phase == "all" else phase
+        feats = acts.pooled(ph, sae)[0] if with_features else None
+        resid, has = acts.pooled(ph)
+        if not bool(has.all()):
+            missing = [data.records[i].line for i in np.flatnonzero(~has.numpy())][:5]
+            raise ConfigError(f"{path}: {int((~has).sum())} record(s) have no {phase}-phase tokens "
+                              f"(lines {missing}…); pick another --phase or fix the records")
+        out.append(PooledSet(data, None if feats is None else feats.numpy(), resid.numpy()))
+    return out

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hooks import excluded_positions, forward_until
+from ..hooks import forward_until
+from ..positions import excluded_positions
 from ..records import load_records, pad_right, render
 from ..sae import SparseAutoencoder
 from ..training.evaluate import context_snippet

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..hooks import excluded_positions, forward_until
+from ..hooks import forward_until
+from ..positions import excluded_positions
 from ..records import Record, pad_right, render
 from ..sae import SparseAutoencoder
 

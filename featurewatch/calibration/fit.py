@@ -129,3 +129,24 @@ def measure(fit: Fit, X: np.ndarray, y: np.ndarray, target_fpr: float = 0.01) ->
            "tpr": at["tpr"], "fpr": at["fpr"], "precision": at["precision"], "n_pos": int(y.sum()),
            "n_neg": int((1 - y).sum())}
     return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in out.items()}
+
+
+def file_weights(labels_per_file: list[np.ndarray], names: list[str], relative: dict[str, float]) -> np.ndarray:
+    """Sample weights over several files: class-balanced within each file, the file scaled by ``relative``.
+
+    Each file's weights sum to its relative weight (default 1) times its size,
+    so a small hand-written file can count as much as a large public one.
+    The result is normalised to mean 1.
+    """
+    out = []
+    for y, name in zip(labels_per_file, names):
+        w = np.zeros(len(y))
+        for label in (0, 1):
+            n = int((y == label).sum())
+            if n:
+                w[y == label] = 0.5 / n
+        if (y == 0).sum() == 0 or (y == 1).sum() == 0:
+            w *= 2  # a single-class file: its one class carries the file's whole weight
+        out.append(w * relative.get(name, 1.0) * len(y))
+    total = np.concatenate(out)
+    return total / total.mean()

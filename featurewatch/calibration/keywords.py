@@ -7,6 +7,9 @@ Scores count matches per 100 words of the watched text.
 from __future__ import annotations
 
 import re
+from typing import Sequence
+
+from ..records import Record
 
 KEYWORDS: dict[str, str] = {
     "scam-email": r"verif(y|ication)|suspend|locked|urgent|immediately|click (here|below|the link)|password|"
@@ -31,3 +34,18 @@ def keyword_score(detector: str, text: str) -> float:
         return 0.0
     words = max(1, len(text.split()))
     return 100.0 * len(re.findall(pattern, text, flags=re.IGNORECASE)) / words
+
+
+def watched_text(record: Record, phases: Sequence[str]) -> str:
+    """The text of a record's watched phases, as a keyword filter would see it."""
+    if record.text is not None:
+        return record.text if "prompt" in phases else ""
+    msgs = list(record.messages or ())
+    completion = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+    prompt_msgs = msgs[:-1] if completion else msgs
+    parts = []
+    if "prompt" in phases:
+        parts += [m["content"] for m in prompt_msgs]
+    if "completion" in phases:
+        parts.append(completion)
+    return "\n".join(parts)

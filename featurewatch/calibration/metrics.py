@@ -6,12 +6,12 @@ Small and dependency-free (numpy only) so tests can check them exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve (ties count half); ``nan`` when a class is missing."""
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
@@ -31,7 +31,7 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def threshold_at_fpr(negative_scores: Sequence[float], target_fpr: float) -> float:
+def threshold_at_fpr(negative_scores: ArrayLike, target_fpr: float) -> float:
     """The lowest threshold (``score >= threshold`` fires) whose FPR on these negatives is ≤ ``target_fpr``."""
     neg = np.sort(np.asarray(negative_scores, dtype=float))[::-1]
     if len(neg) == 0:
@@ -43,7 +43,7 @@ def threshold_at_fpr(negative_scores: Sequence[float], target_fpr: float) -> flo
     return float(np.nextafter(neg[allowed], math.inf))
 
 
-def rates_at(scores: Sequence[float], labels: Sequence[int], threshold: float) -> dict[str, float]:
+def rates_at(scores: ArrayLike, labels: ArrayLike, threshold: float) -> dict[str, float]:
     """TPR, FPR, precision and recall when ``score >= threshold`` fires."""
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
@@ -58,10 +58,17 @@ def rates_at(scores: Sequence[float], labels: Sequence[int], threshold: float) -
     }
 
 
-def tpr_at_fpr(scores: Sequence[float], labels: Sequence[int], target_fpr: float = 0.01) -> float:
+def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, target_fpr: float = 0.01) -> float:
     """TPR at the threshold that gives at most ``target_fpr`` on these negatives."""
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
     if y.all() or not y.any():
         return math.nan
     return rates_at(s, y, threshold_at_fpr(s[~y], target_fpr))["tpr"]
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded for a report; ``None`` for a missing or NaN value (JSON has no NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hooks import excluded_positions, hooked, rewrap, unwrap
+from ..hooks import hooked, rewrap, unwrap
 from ..models import resolve_hookpoint
+from ..positions import excluded_positions
 from ..records import Record, pad_right
 from ..sae import SparseAutoencoder
 from .harvest import batches, kept_activations

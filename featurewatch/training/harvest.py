@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from ..hooks import excluded_positions, forward_until
+from ..hooks import forward_until
+from ..positions import excluded_positions
 from ..records import Record, pad_right, render
 
 logger = logging.getLogger(__name__)

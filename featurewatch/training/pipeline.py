@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 def train_sae(*, corpus: str | Path, out: str | Path, model: str | None = None, hookpoint: str = "layers.15",
               tokens: int = 1_200_000, ctx: int = 256, held_out_fraction: float = 0.05,
-              cfg: TrainConfig = TrainConfig(), progress: Any = None, eval_tokens: int = 60_000,
+              cfg: TrainConfig | None = None, progress: Any = None, eval_tokens: int = 60_000,
               ce_tokens: int = 16_000) -> dict[str, Any]:
     """Train an SAE for ``model`` at ``hookpoint`` on ``corpus``; write it and its report under ``out``."""
+    cfg = cfg or TrainConfig()
     t0 = time.time()
     out = Path(out)
     hookpoint = normalize_hookpoint(hookpoint)

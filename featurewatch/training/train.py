@@ -7,7 +7,7 @@ even on a short run. At export it becomes a JumpReLU SAE with one learned
 threshold, so inference is per-feature: watched features need only their own
 encoder columns, and clamps stay cheap.
 
-Recipe (SAE_NOTES.md): inputs scaled so E‖x‖ = √d_in (folded back at export),
+Recipe (docs/architecture.md, "SAE training"): inputs scaled so E‖x‖ = √d_in (folded back at export),
 ``b_dec`` initialised at the mean, unit-norm decoder rows with the gradient's
 parallel component removed, Adam with warm-up and linear decay, grad clip 1.
 """
@@ -69,6 +69,8 @@ class BatchTopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(mean.clone())
         self.cfg = cfg
+        self.threshold: Tensor
+        self.since_fired: Tensor
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 
@@ -176,7 +178,8 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
             if positive.numel():  # BatchTopK → JumpReLU: running mean of the smallest kept activation
                 sae.threshold.lerp_(positive.min(), 0.01 if step > 0 else 1.0)
         if step % log_every == 0 or step == total - 1:
-            row = {"step": step, "fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": float((f > 0).sum(-1).float().mean()),
+            row = {"step": step, "fvu": float(fvu.detach()), "aux": float(aux.detach()),
+                   "l0": float((f > 0).sum(-1).float().mean()),
                    "dead": float((sae.since_fired >= cfg.dead_tokens).float().mean()), "lr": lr_at(step, total, cfg)}
             history.append(row)
             if bar:

@@ -1,12 +1,16 @@
-"""Readers for the SAE file layouts featurewatch accepts (DESIGN.md §4.4).
+"""Readers for the SAE file layouts featurewatch accepts (docs/architecture.md, "SAE files").
 
 Kept apart from :mod:`featurewatch.sae` so the maths module stays small. Each
-reader maps a layout onto ``SparseAutoencoder``'s one internal form.
+reader maps a layout onto the fields of one internal form, :class:`SAEFields`
+(plain tensors and config values); ``SparseAutoencoder.load`` builds itself
+from them. This module never imports :mod:`featurewatch.sae`, so the two do
+not depend on each other in a cycle.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,42 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, SAEFormatError
-from .sae import SparseAutoencoder
+
+
+@dataclass(frozen=True)
+class SAEFields:
+    """What an SAE file holds, mapped onto featurewatch's form (the ``SparseAutoencoder`` arguments)."""
+
+    W_enc: Tensor
+    """``(d_in, d_sae)`` encoder."""
+    W_dec: Tensor
+    """``(d_sae, d_in)`` decoder."""
+    b_enc: Tensor
+    """``(d_sae,)`` encoder bias."""
+    b_dec: Tensor
+    """``(d_in,)`` decoder bias (subtracted from the input when ``apply_b_dec_to_input``)."""
+    architecture: str = "standard"
+    """``standard``, ``jumprelu`` or ``topk``."""
+    threshold: Tensor | None = None
+    """``(d_sae,)`` JumpReLU thresholds."""
+    k: int | None = None
+    """Active features per token of a TopK SAE."""
+    apply_b_dec_to_input: bool = True
+    """Whether the encoder sees ``x - b_dec``."""
+    input_scale: float = 1.0
+    """Factor applied to activations before encoding (dataset-average normalisation)."""
+    hook_name: str | None = None
+    """Where the SAE was trained, as the file names it."""
+    model_name: str | None = None
+    """The model the SAE was trained on, as the file names it."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Other metadata the file carries."""
+
+
+def _regular(path: Path) -> Path:
+    if path.exists() and not path.is_file():
+        raise SAEFormatError(f"{path} is not a regular file (a directory, FIFO or device); give the SAE file")
+    return path
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -22,7 +61,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        return load_file(str(_regular(path)))
     except (SafetensorError, OSError, ValueError) as exc:  # truncated, corrupt header, bad dtype
         raise SAEFormatError(f"cannot read {path}: {exc}; the file is truncated or corrupt — "
                              "re-export or re-download it") from exc
@@ -30,7 +69,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _read_cfg(path: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(_regular(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SAEFormatError(f"cannot read {path}: {exc}") from exc
     if not isinstance(cfg, dict):
@@ -45,7 +84,8 @@ def _need(tensors: dict[str, Tensor], path: Path, *names: str) -> list[Tensor]:
     return [tensors[n].float() for n in names]
 
 
-def load(path: Path, *, input_scale: float | None) -> SparseAutoencoder:
+def read_fields(path: Path, *, input_scale: float | None = None) -> SAEFields:
+    """The fields of the SAE at ``path`` (a directory in any supported layout, or a ``.npz`` file)."""
     if path.is_file() and path.suffix == ".npz":
         return _load_gemma_scope(path)
     if not path.is_dir():
@@ -62,7 +102,7 @@ def load(path: Path, *, input_scale: float | None) -> SparseAutoencoder:
                          f"{', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'}")
 
 
-def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
+def _load_saelens(path: Path, input_scale: float | None) -> SAEFields:
     cfg = _read_cfg(path / "cfg.json")
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
@@ -108,7 +148,7 @@ def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
     if (d_in, d_sae) != tuple(W_enc.shape) and d_in is not None:
         raise SAEFormatError(f"{path}: cfg.json says d_in={d_in}, d_sae={d_sae} but W_enc has shape "
                              f"{tuple(W_enc.shape)}")
-    return SparseAutoencoder(
+    return SAEFields(
         W_enc, W_dec, b_enc, b_dec, architecture=arch,
         threshold=None if threshold is None else threshold.float(), k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), input_scale=scale,
@@ -117,7 +157,7 @@ def _load_saelens(path: Path, input_scale: float | None) -> SparseAutoencoder:
     )
 
 
-def _load_sparsify(path: Path) -> SparseAutoencoder:
+def _load_sparsify(path: Path) -> SAEFields:
     cfg = _read_cfg(path / "cfg.json")
     tensors = _read_safetensors(path / "sae.safetensors")
     enc_w, enc_b, W_dec, b_dec = _need(tensors, path / "sae.safetensors",
@@ -130,21 +170,21 @@ def _load_sparsify(path: Path) -> SparseAutoencoder:
     if cfg.get("skip_connection") or "W_skip" in tensors:
         raise SAEFormatError(f"{path}: sparsify SAEs with a skip connection (W_skip) are not supported")
     # encoder.weight is (d_sae, d_in) like nn.Linear; W_dec is already (d_sae, d_in).
-    return SparseAutoencoder(enc_w.T.contiguous(), W_dec, enc_b, b_dec, architecture="topk", k=k,
+    return SAEFields(enc_w.T.contiguous(), W_dec, enc_b, b_dec, architecture="topk", k=k,
                              apply_b_dec_to_input=not cfg.get("transcode", False),
                              hook_name=path.name, metadata={"format": "sparsify"})
 
 
-def _load_gemma_scope(path: Path) -> SparseAutoencoder:
-    import numpy as np
-
+def _load_gemma_scope(path: Path) -> SAEFields:
     import zipfile
 
+    import numpy as np
+
     try:
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
+        with open(_regular(path), "rb") as handle, np.load(handle, allow_pickle=False) as npz:
             arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SAEFormatError(f"cannot read {path}: {exc}; the file is truncated or corrupt") from exc
     W_enc, W_dec, b_enc, b_dec, thr = _need(arrays, path, "W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-    return SparseAutoencoder(W_enc, W_dec, b_enc, b_dec, architecture="jumprelu", threshold=thr,
+    return SAEFields(W_enc, W_dec, b_enc, b_dec, architecture="jumprelu", threshold=thr,
                              apply_b_dec_to_input=False, metadata={"format": "gemma-scope"})

@@ -1,0 +1,75 @@
+"""The ``featurewatch`` command line: run, score, eval, discover, calibrate, inspect, train-sae.
+
+Output a person reads goes to stdout as text; ``--json`` switches to JSON for
+programs. Progress bars and notes go to stderr. Bad input exits with code 2
+and one line, ``featurewatch: error: <what is wrong and the fix>``; Ctrl-C
+exits with 130 and one line. Each command family is a module of this package
+(``run``, ``score``, ``inspect``, ``train``, ``calibrate``) with a
+``register(subparsers)``; shared option types and early checks are in
+``_common``. Formats and the data flow: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from ..errors import FeatureWatchError
+from . import calibrate, inspect, run, score, train
+
+__all__ = ["build_parser", "main"]
+
+_COMMANDS = (run, score, calibrate, inspect, train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``featurewatch`` argument parser with every command registered."""
+    parser = argparse.ArgumentParser(prog="featurewatch", description=(
+        "White-box safety monitoring for open LLMs: SAE features read during inference, detectors, alerts. "
+        "Formats and the data flow: docs/architecture.md."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details (and tracebacks) to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit status (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted()
+    except FeatureWatchError as exc:
+        return _error(str(exc), verbose=args.verbose)
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # disk full, a file removed under us, ...
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        return _error(message, verbose=args.verbose)
+
+
+def _error(message: str, *, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"featurewatch: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _interrupted() -> int:
+    print("featurewatch: interrupted", file=sys.stderr)
+    return 130

@@ -1,0 +1,56 @@
+"""``featurewatch train-sae``: train an SAE for any model on a JSONL corpus (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, check_output_dir, float_range, int_range, progress
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train-sae", help="train an SAE on a JSONL corpus (resumable)")
+    p.add_argument("--corpus", required=True, help="JSONL records to train on (5%% by id hash held out)")
+    p.add_argument("--out", required=True, help="work directory (activation cache, checkpoint, SAE, report)")
+    p.add_argument("--model", help="hub id, local directory or .gguf file (default: the embedded model)")
+    p.add_argument("--hookpoint", default="layers.15", help="where to read the residual stream (layers.N)")
+    p.add_argument("--tokens", type=POSITIVE, default=1_200_000, help="training tokens to harvest")
+    p.add_argument("--ctx", type=int_range(2), default=256, help="tokens per harvested context (>= 2)")
+    p.add_argument("--d-sae", type=POSITIVE, default=4608, help="number of features")
+    p.add_argument("--k", type=POSITIVE, default=32, help="mean active features per token (<= --d-sae)")
+    p.add_argument("--epochs", type=float_range(0, lo_open=True), default=2.0, help="passes over the activations")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=1e-3, help="peak Adam learning rate")
+    p.add_argument("--batch-size", type=POSITIVE, default=4096, help="tokens per optimiser step")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--eval-tokens", type=POSITIVE, default=60_000, help="held-out tokens for the report")
+    p.add_argument("--ce-tokens", type=POSITIVE, default=16_000, help="held-out tokens for the CE-loss splice")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_train_sae)
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from ..models import normalize_hookpoint
+    from ..training.pipeline import train_sae
+    from ..training.train import TrainConfig
+
+    if args.k > args.d_sae:
+        raise CLIError(f"--k {args.k} is larger than --d-sae {args.d_sae}; choose --k <= --d-sae")
+    corpus = check_input(args.corpus, "--corpus")
+    check_output_dir(args.out, "--out")
+    normalize_hookpoint(args.hookpoint)  # a malformed name fails now, not after the harvest
+    cfg = TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                      batch_size=args.batch_size)
+    report = train_sae(corpus=corpus, out=args.out, model=args.model, hookpoint=args.hookpoint,
+                       tokens=args.tokens, ctx=args.ctx, cfg=cfg, progress=progress(),
+                       eval_tokens=args.eval_tokens, ce_tokens=args.ce_tokens)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    keys = ["l0", "fvu", "explained_variance", "ce_increase", "ce_loss_score", "kl_div", "dead_fraction",
+            "dense_fraction_gt_1e-2"]
+    print(f"SAE written to {Path(args.out) / 'sae' / report['hookpoint']}")
+    for k in keys:
+        print(f"  {k:<24} {report.get(k)}")
+    return 0
