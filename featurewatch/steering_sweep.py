@@ -253,7 +253,7 @@ def _reference(monitor: Monitor, ids: Tensor, targets: list[tuple[str, int]]) ->
 
 
 def _logprobs(monitor: Monitor, rendered: Rendered, ivs: list[Intervention] | None) -> tuple[Tensor, Tensor]:
-    """Log-probs ``(seq, vocab)`` of one record, steered by ``ivs`` (None: unsteered), and the NLL of each next token."""
+    """Log-probs ``(seq, vocab)`` of one record, steered by ``ivs`` (None: unsteered), and each next token's NLL."""
     ids = torch.tensor([rendered.ids])
     device = next(monitor.model.parameters()).device
     with torch.inference_mode():

@@ -8,14 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from featurewatch.detector import DetectorSpec, FeatureWeight
-from featurewatch.errors import ConfigError, GenerationBlocked
+from conftest import build_sae
+from featurewatch.errors import ConfigError
 from featurewatch.intervention import Intervention
 from featurewatch.monitor import Monitor
 from featurewatch.records import parse_record
 from featurewatch.steering_sweep import SweepResult, default_corpus, plot, sweep, with_strength
-
-from conftest import build_sae
 
 HP = "layers.1"
 CORPUS = [parse_record({"id": f"c{i}", "text": t}, line=i) for i, t in enumerate(["hello world", "abc def ghi"])]
@@ -59,9 +57,9 @@ def test_a_sweep_that_changes_nothing_costs_nothing(monitor: Monitor) -> None:
 
 def test_sweep_refuses_a_monitor_that_steers_by_itself(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()},
-                 interventions=[Intervention(feature=1, mode="ablate")]) as m:
-        with pytest.raises(ConfigError, match="unsteered"):
-            sweep(m, [Intervention(feature=4, mode="ablate")], prompts=["abc"], corpus=CORPUS, chat=False)
+                 interventions=[Intervention(feature=1, mode="ablate")]) as m, \
+            pytest.raises(ConfigError, match="unsteered"):
+        sweep(m, [Intervention(feature=4, mode="ablate")], prompts=["abc"], corpus=CORPUS, chat=False)
 
 
 def test_strength_replaces_the_value_but_not_an_ablation() -> None:
@@ -81,3 +79,81 @@ def test_plot_writes_a_png(monitor: Monitor, tmp_path: Any) -> None:
                    chat=False)
     out = plot(result, tmp_path / "sweep.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- the command line on a tiny model
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory: Any) -> list[str]:
+    """``--model DIR --pack DIR`` for a 2-layer Llama saved with the embedded tokenizer (no big model load)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_pack
+    from featurewatch.models import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    root = tmp_path_factory.mktemp("steer-lm")
+    LlamaForCausalLM(cfg).eval().save_pretrained(root)
+    tok.save_pretrained(root)
+    pack = make_pack(tmp_path_factory.mktemp("steer-pack") / "pack", d_in=16, d_sae=8, hookpoint="layers.1")
+    return ["--model", str(root), "--pack", str(pack)]
+
+
+def cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    from featurewatch.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_steer_command_writes_json_per_strength_and_a_plot(tiny_cli: list[str], tmp_path: Any, capsys: Any) -> None:
+    png = tmp_path / "sweep.png"
+    code, out, err = cli(capsys, "steer", *tiny_cli, "--feature", "3", "--absolute", "--strengths=-4,0,4",
+                         "--prompt", "Hello there", "--max-new-tokens", "3", "--keywords", "the", "--json",
+                         "--plot", str(png))
+    assert code == 0, err
+    report = json.loads(out)
+    assert [p["strength"] for p in report["points"]] == [None, -4.0, 0.0, 4.0]
+    for p in report["points"]:
+        assert set(p) >= {"activation", "kl_generated", "kl_corpus", "ce_corpus", "delta_ce", "concept_rate",
+                          "samples"}
+        assert p["samples"][0]["prompt"] == "Hello there"
+    assert png.read_bytes()[:4] == b"\x89PNG" and "steer" in err  # progress on stderr
+
+
+def test_steer_command_prints_a_table(tiny_cli: list[str], capsys: Any) -> None:
+    code, out, err = cli(capsys, "steer", *tiny_cli, "--steer", "layers.1:2:add", "--absolute", "--strengths", "1",
+                         "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["strength", "act"] and lines[2].split()[0] == "none" and lines[3].split()[0] == "1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--steer", "812:boost:2"], "[HOOKPOINT:]FEATURE:MODE[:VALUE]"),
+    (["run", "--steer", "812:clamp"], "finite value"),
+    (["run", "--steer", "99:clamp:2", "--steer-absolute"], "out of range"),
+    (["run", "--steer", "3:clamp:2"], "max activation"),  # the test pack has no feature statistics
+    (["steer"], "say what to steer"),
+    (["steer", "--steer", "3:boost"], "FEATURE:MODE"),
+])
+def test_bad_steering_exits_2_naming_the_valid_form(tiny_cli: list[str], argv: list[str], message: str,
+                                                    capsys: Any) -> None:
+    code, out, err = cli(capsys, *argv[:1], *tiny_cli, *argv[1:])
+    assert code == 2 and message in err and "loading model" not in err  # checked before the model loads
+
+
+def test_run_steer_applies_to_each_generation(tiny_cli: list[str], capsys: Any) -> None:
+    common = ["run", *tiny_cli, "--prompt", "Hello there", "--max-new-tokens", "6", "--json", "--top-features", "0"]
+    code, out, err = cli(capsys, *common)
+    assert code == 0, err
+    plain = json.loads(out)["completion"]
+    code, out, err = cli(capsys, *common, "--steer", "1:clamp:500", "--steer", "layers.1:2:add:-500",
+                         "--steer-absolute")
+    assert code == 0, err
+    assert json.loads(out)["completion"] != plain
