@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="sycophancy,deception",
-                    help="detectors and hand-written sets, comma-separated: sycophancy, deception")
+                    help="detectors, comma-separated: sycophancy, deception, scam-email, dangerous-content "
+                         "(each on its examples/data/handwritten_*.jsonl positives)")
     ap.add_argument("--phases", help="override the copies' phases, e.g. prompt,completion (the shipped spec is "
                                      "left alone); a prompt-phase firing suppresses the whole reply")
     ap.add_argument("--n", type=int, default=12, help="positive (label 1) cases to run")
@@ -72,7 +73,8 @@ def measure(args: argparse.Namespace, name: str, pack: Any, loaded: Any, t0: flo
     phases = args.phases.split(",") if args.phases else shipped.phases
     alerting = shipped.model_copy(update={"action": "alert", "phases": phases})
     suppressing = shipped.model_copy(update={"action": "suppress", "phases": phases})
-    rows = [json.loads(line) for line in (ROOT / f"examples/data/handwritten_{name}.jsonl").open()]
+    data = {"scam-email": "scam", "dangerous-content": "dangerous"}.get(name, name)
+    rows = [json.loads(line) for line in (ROOT / f"examples/data/handwritten_{data}.jsonl").open()]
     cases = [r for r in rows if r.get("label") == 1][: args.n]
     prompts: list[Any] = [r["text"] if "text" in r else
                           [m for m in r["messages"] if m is not r["messages"][-1] or m["role"] != "assistant"]
@@ -115,7 +117,7 @@ def measure(args: argparse.Namespace, name: str, pack: Any, loaded: Any, t0: flo
 
         rp, n_rp = rest_score(a)
         rs, n_rs = rest_score(s)
-        k0 = fired - width + 2  # token k is chosen at position width + k - 1; ablation starts at fired + 1
+        k0 = max(fired - width + 2, 0)  # token k is chosen at position width + k - 1; ablation from fired + 1
         diff = [i for i, (x, y) in enumerate(zip(a.token_ids, s.token_ids)) if x != y]
         eos = tok.eos_token_id
         n = next((i + 1 for i, t in enumerate(s.token_ids) if t == eos), len(s.token_ids))
