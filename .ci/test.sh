@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh
 bash .ci/install-servers.sh
+bash .ci/setup-vllm.sh  # .venv-vllm for tests/test_vllm.py (vLLM in its own venv)
 echo "test: ruff" >&2
 .venv/bin/python -m ruff check featurewatch tests benchmarks examples
 echo "test: mypy" >&2

@@ -10,6 +10,11 @@ Text is personal data more often than not, so the span's text is logged only
 when asked for (``include_text=True``); everything else is positions, scores
 and feature evidence.
 
+Context a framework knows about a run (LangChain tags and metadata, a
+request id) is not part of an :class:`~featurewatch.alert.Alert`; a
+``context`` callable looks it up by run id and the log writes it under
+``"context"``, so one line carries both.
+
 The level follows the detector's severity (info → INFO, warning → WARNING,
 critical → CRITICAL), so a handler at INFO gets every alert and one at
 CRITICAL only the critical ones.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .alert import Alert
@@ -43,6 +49,9 @@ class JsonAlertLog(BaseSink):
         logging.getLogger("featurewatch.alerts").addHandler(logging.FileHandler("alerts.jsonl"))
         monitor = Monitor.default(sinks=[JsonAlertLog()])
 
+    ``context``: called with a run id, returns extra fields for that run's lines (or None),
+    e.g. ``JsonAlertLog(context=handler.context)`` with the LangChain handler.
+
     A line looks like::
 
         {"event": "alert", "run_id": "5f0c…", "model_name": "SmolLM2-135M-Instruct",
@@ -51,9 +60,11 @@ class JsonAlertLog(BaseSink):
          "started_at": 1764355200.1, "fired_at": 1764355200.4, "evidence": [...]}
     """
 
-    def __init__(self, *, logger: logging.Logger | None = None, include_text: bool = False) -> None:
+    def __init__(self, *, logger: logging.Logger | None = None, include_text: bool = False,
+                 context: Callable[[str], Mapping[str, Any] | None] | None = None) -> None:
         self.logger = logger if logger is not None else logging.getLogger(ALERT_LOGGER)
         self.include_text = include_text
+        self.context = context
 
     def record(self, alert: Alert) -> dict[str, Any]:
         """The fields logged for ``alert`` (``text`` only when ``include_text``)."""
@@ -76,6 +87,9 @@ class JsonAlertLog(BaseSink):
         }
         if self.include_text:
             fields["text"] = alert.text
+        extra = self.context(alert.run_id) if self.context is not None else None
+        if extra:
+            fields["context"] = dict(extra)
         return fields
 
     def on_alert(self, alert: Alert) -> None:
@@ -83,5 +97,6 @@ class JsonAlertLog(BaseSink):
         fields = self.record(alert)
         level = _LEVELS.get(alert.severity, logging.WARNING)
         if self.logger.isEnabledFor(level):
-            line = json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+            line = json.dumps(fields, ensure_ascii=False, allow_nan=False, separators=(", ", ": "),
+                              default=str)  # context values a framework passes may not be JSON
             self.logger.log(level, "%s", line, extra={"featurewatch_alert": fields})

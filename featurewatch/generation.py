@@ -112,8 +112,12 @@ def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor
 def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                    top_features: int = 0, raise_on_block: bool = True,
                    interventions: Sequence[Intervention] = (), streamer: Any = None,
-                   **generate_kwargs: Any) -> list[GenerationResult]:
-    """Generate for several prompts at once (left padding, KV cache), monitored. See :meth:`Monitor.generate`."""
+                   run_ids: Sequence[str] | None = None, **generate_kwargs: Any) -> list[GenerationResult]:
+    """Generate for several prompts at once (left padding, KV cache), monitored. See :meth:`Monitor.generate`.
+
+    ``run_ids``: the runs' ids (e.g. a caller's trace ids), one per prompt; random by default.
+    A ``stopping_criteria`` in ``generate_kwargs`` is kept, next to the monitor's own.
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tok = monitor.tokenizer
@@ -132,19 +136,20 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     ids, mask, content = _left_pad(rendered, tok.pad_token_id)
     width = ids.shape[1]
     session = monitor.session(len(prompts), top_features=top_features, n_prompt=[width] * len(prompts),
-                              content=content, interventions=interventions)
+                              content=content, interventions=interventions, run_ids=run_ids)
 
     class _Block(StoppingCriteria):
         def __call__(self, input_ids: Tensor, scores: Any, **kw: Any) -> Tensor:
             return torch.tensor([row.blocked for row in session.rows], device=input_ids.device)
 
+    criteria = StoppingCriteriaList([_Block(), *(generate_kwargs.pop("stopping_criteria", None) or [])])
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
     device = next(monitor.model.parameters()).device
     with session:
         generate: Any = monitor.model.generate  # nn.Module's stub does not know generate()
         out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                       streamer=streamer, stopping_criteria=StoppingCriteriaList([_Block()]), **generate_kwargs)
+                       streamer=streamer, stopping_criteria=criteria, **generate_kwargs)
     results = []
     for r in range(len(prompts)):
         new = out[r, width:].tolist()

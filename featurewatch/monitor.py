@@ -195,12 +195,15 @@ class Monitor:
     # ------------------------------------------------------------------ sessions and calls
     def session(self, batch_size: int = 1, *, top_features: int = 0, run_ids: Sequence[str] | None = None,
                 n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
-                interventions: Sequence[Intervention] = (), stop_after_deepest: bool = False) -> Session:
+                interventions: Sequence[Intervention] = (), stop_after_deepest: bool = False,
+                blocking: bool = True) -> Session:
         """A session for driving the model yourself: ``with monitor.session() as s: model(...)``.
 
         ``top_features``: keep each token's residual so readings can list its strongest
         features. ``n_prompt``/``content``: which positions are prompt, and which are
         content a detector reads (default: the whole first call is prompt, all content).
+        ``blocking=False`` (shadow mode): ``block`` alerts are reported but do not mark the
+        runs blocked, so they go on and are scored to the end.
         """
         if not self._handles:
             raise ConfigError("the monitor is detached; call attach() first")
@@ -211,6 +214,7 @@ class Monitor:
                     stop_after_deepest=stop_after_deepest, n_prompt=n_prompt, content=content, run_ids=run_ids,
                     interventions=interventions, clock=self.clock, on_end=self._end_session)
         s.owner = self
+        s.blocking = blocking
         s.steering = self._compile(interventions) if interventions else {}
         self._live.add(s)
         for row in s.rows:
@@ -221,18 +225,19 @@ class Monitor:
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, chat: bool = True, top_features: int = 0,
                  raise_on_block: bool = True, interventions: Sequence[Intervention] = (), streamer: Any = None,
-                 **generate_kwargs: Any) -> GenerationResult:
+                 run_id: str | None = None, **generate_kwargs: Any) -> GenerationResult:
         """Generate for one prompt (a string, or chat messages), monitored.
 
         ``top_features``: strongest SAE features kept per token for ``result.readings()``;
         ``interventions``: feature edits for this call (on top of the monitor's own);
         ``raise_on_block``: raise :class:`~featurewatch.errors.GenerationBlocked` when a
-        ``block`` detector stops the generation (else return the partial result).
+        ``block`` detector stops the generation (else return the partial result);
+        ``run_id``: the run's id (e.g. a trace id to join on), random by default.
         ``generate_kwargs`` go to ``model.generate`` (greedy by default).
         """
         return generate_batch(self, [prompt], max_new_tokens=max_new_tokens, chat=chat, top_features=top_features,
                               raise_on_block=raise_on_block, interventions=interventions, streamer=streamer,
-                              **generate_kwargs)[0]
+                              run_ids=None if run_id is None else [run_id], **generate_kwargs)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                        top_features: int = 0, raise_on_block: bool = True,
@@ -323,7 +328,7 @@ class Monitor:
                       started_at=row.started_at, fired_at=self.clock())
         row.alerts.append(alert)
         row.fired.setdefault(spec.name, firing.position)
-        if spec.action == "block" and not firing.final:
+        if spec.action == "block" and not firing.final and session.blocking:
             row.blocked = True
         if not self._fanout.alert(alert):
             row.degraded = True

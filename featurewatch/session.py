@@ -105,6 +105,7 @@ class Session:
         self.error = False
         self.detached = False
         self.owner: Any = None  # the monitor whose hooks serve this session
+        self.blocking = True  # False in shadow mode: block alerts do not stop the runs
         self.steering: dict[str, Any] = {}  # this call's compiled interventions, by hookpoint
         self._on_end = on_end
         self._state = "new"

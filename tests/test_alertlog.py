@@ -74,3 +74,15 @@ def test_nothing_is_serialised_below_the_logger_level(make_alert: Any, caplog: p
         JsonAlertLog().on_alert(make_alert(severity="warning"))
         JsonAlertLog().on_alert(make_alert(severity="critical"))
     assert [r.levelname for r in caplog.records] == ["CRITICAL"]
+
+
+def test_context_for_the_run_rides_along(captured: Any, make_alert: Any) -> None:
+    logger, buffer = captured
+    contexts = {"r-1": {"tags": ["checkout"], "metadata": {"user": "u-7", "when": object()}}}
+    sink = JsonAlertLog(logger=logger, context=contexts.get)
+    sink.on_alert(make_alert(run_id="r-1"))
+    sink.on_alert(make_alert(run_id="r-2"))
+    [(_, first), (_, second)] = lines(buffer)
+    assert first["context"]["tags"] == ["checkout"] and first["context"]["metadata"]["user"] == "u-7"
+    assert first["context"]["metadata"]["when"].startswith("<object")  # not JSON: written with str()
+    assert "context" not in second

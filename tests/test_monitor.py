@@ -198,6 +198,34 @@ def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any,
     assert info.value.alert.action == "block"
 
 
+def test_generate_takes_the_run_id_and_keeps_the_callers_stopping_criteria(tiny_llama: Any,
+                                                                         tiny_tokenizer: Any) -> None:
+    calls: list[int] = []
+
+    def stop_after_two(input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return torch.full((input_ids.shape[0],), len(calls) >= 2, dtype=torch.bool)
+
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
+                 detectors=[spec(threshold=-1000.0, phases=["prompt"])]) as m:
+        result = m.generate("abc", max_new_tokens=10, min_new_tokens=0, run_id="trace-7",
+                            stopping_criteria=[stop_after_two])
+    assert result.run_id == "trace-7" and result.alerts[0].run_id == "trace-7"
+    assert len(result.token_ids) == 2
+
+
+def test_a_shadow_session_reports_a_block_without_blocking(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
+                 detectors=[spec(threshold=-1000.0, action="block", phases=["prompt", "completion"])]) as m:
+        ids = torch.tensor([tiny_tokenizer.encode("abcd")])
+        with m.session(blocking=False) as shadow:
+            tiny_llama(ids)
+        with m.session() as enforced:
+            tiny_llama(ids)
+    assert [a.action for a in shadow.result().alerts] == ["block"] and shadow.result().outcome == "completed"
+    assert enforced.result().outcome == "blocked"
+
+
 def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_term(
         tiny_llama: Any, tiny_tokenizer: Any) -> None:
     sae = sae16()

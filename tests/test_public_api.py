@@ -17,10 +17,17 @@ def test_public_names_are_locked() -> None:
 
 def test_importing_changes_nothing_global() -> None:
     code = ("import sys, torch, logging; before = (sys.excepthook, torch.nn.Module.__call__, "
-            "len(logging.root.handlers)); import featurewatch, featurewatch.cli; "
+            "len(logging.root.handlers)); import featurewatch, featurewatch.cli, featurewatch.integrations; "
             "after = (sys.excepthook, torch.nn.Module.__call__, len(logging.root.handlers)); "
             "assert before == after, (before, after); "
             "assert 'prometheus_client' not in sys.modules and 'langchain_core' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_langchain_is_imported_only_by_its_integration() -> None:
+    code = ("import sys, featurewatch; featurewatch.Monitor; featurewatch.GenerationBlocked; "
+            "assert 'langchain_core' not in sys.modules; "
+            "import featurewatch.integrations.langchain; assert 'langchain_core' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,0 +1,374 @@
+"""ChatFeatureWatch: a LangChain chat model that runs the monitored model itself.
+
+Why it is built this way:
+
+* Every call runs :meth:`Monitor.generate` in a worker thread that reports, in
+  order, the text as it is decoded, the alerts as they fire, and the end (the
+  result, or the exception: :class:`~featurewatch.errors.GenerationBlocked`
+  included). ``invoke``/``stream`` read those reports from a queue, and
+  ``ainvoke``/``astream`` from an asyncio queue, so the event loop never waits
+  on the model and concurrent calls share one model without sharing state.
+* The monitor's run id is the LangChain run id. ``invoke`` gets it from the run
+  manager; ``stream``/``astream`` (which LangChain calls without one) fix the
+  run id in the config before the run starts and look it up again here.
+* Alerts are dispatched as custom events named ``featurewatch.alert`` to the
+  run's own handlers, so ``astream_events(version="v2")`` shows them between
+  the model's start and end, and a tracer files them under the model's run.
+* Stop sequences are cut in the decoded text (held back while the text could
+  still become one), and stop the compute at the token that completes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from ..alert import Alert
+from ..generation import GenerationResult, render_prompt
+from ._langchain_common import ALERT_EVENT, router_for, run_metadata, to_chat
+
+_RUN_KWARG = "featurewatch_run"  # carries the run id from stream()/astream() down to _stream()/_astream()
+Event = tuple[str, Any]  # ("text", str) | ("alert", Alert) | ("done", (GenerationResult, int)) | ("error", exc)
+
+
+class _TextStream:
+    """A ``model.generate`` streamer: decodes new tokens to text and cuts it at the first stop sequence."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.stop, self.emit = tokenizer, [s for s in stop if s], emit
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+        self._prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:  # generate() first hands over the prompt
+            self._prompt = False
+            return
+        if self.stopped:
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.text = text
+            self._flush(final=False)
+
+    def end(self) -> None:
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, upto = True, cut
+        elif final:
+            upto = len(self.text)
+        else:  # hold back a tail that may still grow into a stop sequence
+            held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            upto = len(self.text) - held
+        if upto > self.sent:
+            self.emit(self.text[self.sent:upto])
+            self.sent = upto
+
+
+class _Until:
+    """A stopping criterion: a stop sequence was written, or the caller went away."""
+
+    def __init__(self, stream: _TextStream, cancelled: threading.Event) -> None:
+        self.stream, self.cancelled = stream, cancelled
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = self.stream.stopped or self.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class ChatFeatureWatch(BaseChatModel):
+    """A LangChain chat model on a monitored Hugging Face model.
+
+    Example::
+
+        from featurewatch import Monitor, GenerationBlocked
+        from featurewatch.integrations.langchain import ChatFeatureWatch
+
+        chat = ChatFeatureWatch(monitor=Monitor.default(), max_new_tokens=128)
+        reply = chat.invoke("Draft a short reply to a customer asking about a refund.")
+        reply.response_metadata["featurewatch"]    # run_id, scores, alerts, outcome
+        safe = chat.with_fallbacks([refusal], exceptions_to_handle=(GenerationBlocked,))
+
+    A ``block`` alert stops the generation and raises
+    :class:`~featurewatch.GenerationBlocked` (partial text in ``.result.text``).
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    monitor: Any = Field(repr=False, exclude=True)
+    """The :class:`~featurewatch.Monitor` whose model generates."""
+    max_new_tokens: int = Field(default=64, ge=1, alias="max_tokens")
+    """Most tokens to generate (``max_tokens`` is accepted too)."""
+    temperature: float | None = None
+    """Sampling temperature; None or 0 decodes greedily."""
+    stop: list[str] | None = None
+    """Stop sequences for every call (on top of a call's own ``stop``)."""
+    model_name: str | None = Field(default=None, alias="model")
+    """The name reported to LangChain; the monitor's model name by default."""
+    streaming: bool = False
+    """Stream tokens to callbacks also on ``invoke``."""
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More arguments for ``model.generate`` (e.g. ``repetition_penalty``)."""
+
+    _calls: dict[str, RunnableConfig] = PrivateAttr(default_factory=dict)
+
+    @property
+    def _llm_type(self) -> str:
+        return "featurewatch"
+
+    @property
+    def name_of_model(self) -> str:
+        return self.model_name or getattr(self.monitor, "model_name", "") or "featurewatch"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.name_of_model, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "featurewatch"
+        params["ls_model_name"] = kwargs.get("model", self.name_of_model)
+        params["ls_max_tokens"] = self.max_new_tokens
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # ------------------------------------------------------------------ run ids for stream()/astream()
+    def _fix_run_id(self, config: RunnableConfig | None) -> tuple[RunnableConfig, str]:
+        config = ensure_config(config)
+        run_id = config.get("run_id") or uuid.uuid4()
+        config["run_id"] = run_id
+        self._calls[str(run_id)] = config
+        return config, str(run_id)
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        config, key = self._fix_run_id(config)
+        try:
+            yield from super().stream(input, config, stop=stop, **{_RUN_KWARG: key}, **kwargs)
+        finally:
+            self._calls.pop(key, None)
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        config, key = self._fix_run_id(config)
+        try:
+            async for chunk in super().astream(input, config, stop=stop, **{_RUN_KWARG: key}, **kwargs):
+                yield chunk
+        finally:
+            self._calls.pop(key, None)
+
+    def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
+        # invoke() always reaches _generate, which has the run manager (run id, events) and streams
+        # tokens to callbacks itself; only stream()/astream() (stream=True) go through _stream.
+        return bool(kwargs.get("stream")) and super()._should_stream(async_api=async_api,
+                                                                     run_manager=run_manager, **kwargs)
+
+    def _run(self, run_manager: Any, kwargs: dict[str, Any],
+             manager_cls: type[CallbackManager | AsyncCallbackManager]) -> tuple[str, Any]:
+        """The run id, and a callback manager that reaches the run's handlers (None: no events)."""
+        key = kwargs.pop(_RUN_KWARG, None)
+        if run_manager is not None:
+            manager = manager_cls(handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
+                                  parent_run_id=run_manager.parent_run_id, tags=run_manager.tags,
+                                  inheritable_tags=run_manager.inheritable_tags, metadata=run_manager.metadata,
+                                  inheritable_metadata=run_manager.inheritable_metadata)
+            return str(run_manager.run_id), manager
+        config = self._calls.get(key) if key else None
+        if config is None:
+            return uuid.uuid4().hex, None
+        return key, manager_cls.configure(config.get("callbacks"), self.callbacks, self.verbose, config.get("tags"),
+                                          self.tags, config.get("metadata"), self.metadata)
+
+    # ------------------------------------------------------------------ the worker
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None, run_id: str,
+               put: Callable[[Event], None], kwargs: dict[str, Any]) -> threading.Event:
+        """Start generating in a worker thread; set the returned event to stop it early."""
+        monitor = self.monitor
+        prompt = to_chat(messages)
+        stream = _TextStream(monitor.tokenizer, [*(self.stop or []), *(stop or [])], lambda t: put(("text", t)))
+        cancelled = threading.Event()
+        gen = {**self.generate_kwargs, **{k: v for k, v in kwargs.items() if k not in ("stream", "model")}}
+        if self.temperature:
+            gen.setdefault("do_sample", True)
+            gen.setdefault("temperature", self.temperature)
+        max_new = int(gen.pop("max_new_tokens", gen.pop("max_tokens", self.max_new_tokens)))
+
+        def work() -> None:
+            router = router_for(monitor)
+            router.listen(run_id, lambda alert: put(("alert", alert)))
+            try:
+                n_prompt = len(render_prompt(prompt, monitor.tokenizer).ids)
+                result = monitor.generate(prompt, max_new_tokens=max_new, run_id=run_id, streamer=stream,
+                                          stopping_criteria=[_Until(stream, cancelled)], **gen)
+                put(("done", (result, n_prompt, stream.stopped)))
+            except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread, raised there
+                put(("error", exc))
+            finally:
+                router.forget(run_id)
+
+        threading.Thread(target=work, name=f"featurewatch-{run_id[:8]}", daemon=True).start()
+        return cancelled
+
+    def _events(self, messages: list[BaseMessage], stop: list[str] | None, run_id: str,
+                kwargs: dict[str, Any]) -> Iterator[Event]:
+        reports: queue.Queue[Event] = queue.Queue()
+        cancelled = self._start(messages, stop, run_id, reports.put, kwargs)
+        try:
+            while True:
+                event = reports.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            cancelled.set()
+
+    async def _aevents(self, messages: list[BaseMessage], stop: list[str] | None, run_id: str,
+                       kwargs: dict[str, Any]) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[Event] = asyncio.Queue()
+
+        def put(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+                loop.call_soon_threadsafe(reports.put_nowait, event)
+
+        cancelled = self._start(messages, stop, run_id, put, kwargs)
+        try:
+            while True:
+                event = await reports.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            cancelled.set()
+
+    # ------------------------------------------------------------------ results
+    def _metadata(self, done: tuple[GenerationResult, int, bool]) -> tuple[UsageMetadata, dict[str, Any]]:
+        result, n_prompt, stopped = done
+        n_out = len(result.token_ids)
+        eos = getattr(self.monitor.tokenizer, "eos_token_id", None)
+        finish = "stop" if stopped or (result.token_ids and result.token_ids[-1] == eos) else "length"
+        usage = UsageMetadata(  # type: ignore[typeddict-item]  # the token-detail keys are optional at run time
+            input_tokens=n_prompt, output_tokens=n_out, total_tokens=n_prompt + n_out)
+        return usage, {"model_name": self.name_of_model, "finish_reason": finish,
+                       "featurewatch": run_metadata(result.run)}
+
+    @staticmethod
+    def _alert_data(alert: Alert) -> dict[str, Any]:
+        return alert.model_dump(mode="json")
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        run_id, events = self._run(run_manager, kwargs, CallbackManager)
+        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
+        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=False,
+                                                                          run_manager=run_manager)
+        parts: list[str] = []
+        for kind, payload in self._events(messages, stop, run_id, kwargs):
+            if kind == "text":
+                parts.append(payload)
+                if tokens and run_manager is not None:
+                    run_manager.on_llm_new_token(payload, chunk=ChatGenerationChunk(message=AIMessageChunk(
+                        content=payload)))
+            elif kind == "alert":
+                if events is not None:
+                    events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
+            elif kind == "error":
+                raise payload
+            else:
+                usage, meta = self._metadata(payload)
+                message = AIMessage(content="".join(parts), usage_metadata=usage, response_metadata=meta)
+                return ChatResult(generations=[ChatGeneration(message=message)])
+        raise RuntimeError("the generation ended without a result")  # unreachable: _events ends with one
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
+        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
+        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=True,
+                                                                          run_manager=run_manager)
+        parts: list[str] = []
+        async for kind, payload in self._aevents(messages, stop, run_id, kwargs):
+            if kind == "text":
+                parts.append(payload)
+                if tokens and run_manager is not None:
+                    await run_manager.on_llm_new_token(payload, chunk=ChatGenerationChunk(message=AIMessageChunk(
+                        content=payload)))
+            elif kind == "alert":
+                if events is not None:
+                    await events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
+            elif kind == "error":
+                raise payload
+            else:
+                usage, meta = self._metadata(payload)
+                message = AIMessage(content="".join(parts), usage_metadata=usage, response_metadata=meta)
+                return ChatResult(generations=[ChatGeneration(message=message)])
+        raise RuntimeError("the generation ended without a result")
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        run_id, events = self._run(run_manager, kwargs, CallbackManager)
+        for kind, payload in self._events(messages, stop, run_id, kwargs):
+            if kind == "text":
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=payload))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(payload, chunk=chunk)
+                yield chunk
+            elif kind == "alert":
+                if events is not None:
+                    events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
+            elif kind == "error":
+                raise payload
+            else:
+                usage, meta = self._metadata(payload)
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage,
+                                                                 response_metadata=meta, chunk_position="last"))
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
+        async for kind, payload in self._aevents(messages, stop, run_id, kwargs):
+            if kind == "text":
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=payload))
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(payload, chunk=chunk)
+                yield chunk
+            elif kind == "alert":
+                if events is not None:
+                    await events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
+            elif kind == "error":
+                raise payload
+            else:
+                usage, meta = self._metadata(payload)
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage,
+                                                                 response_metadata=meta, chunk_position="last"))

@@ -1,0 +1,33 @@
+"""LangChain integration: a callback handler for apps that already run a local model, and a chat model.
+
+Two surfaces, one monitor:
+
+* :class:`FeatureWatchCallbackHandler` — put it in ``callbacks=[...]`` of a
+  ``ChatHuggingFace``/``HuggingFacePipeline`` call that runs the monitored
+  model; it reads that call's features, in ``"shadow"`` mode (observe) or
+  ``"enforce"`` mode (a ``block`` alert stops the compute and raises
+  :class:`~featurewatch.GenerationBlocked`).
+* :class:`ChatFeatureWatch` — a ``BaseChatModel`` that runs the monitored model
+  itself: invoke, batch, stream and their async forms, with alerts as
+  ``featurewatch.alert`` custom events and in ``response_metadata["featurewatch"]``.
+
+In both, the monitor's run id is the LangChain run id, so one id joins a
+LangChain trace, the JSON alert log and Prometheus exemplars.
+
+Needs ``pip install 'featurewatch[langchain]'`` (and ``langchain-huggingface``
+for the handler's usual partner); importing :mod:`featurewatch` alone never
+imports LangChain.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+if find_spec("langchain_core") is None:  # pragma: no cover — exercised where LangChain is absent
+    raise ImportError("featurewatch.integrations.langchain needs LangChain: pip install 'featurewatch[langchain]'")
+
+from ._langchain_chat import ChatFeatureWatch
+from ._langchain_common import ALERT_EVENT
+from ._langchain_handler import FeatureWatchCallbackHandler
+
+__all__ = ["ALERT_EVENT", "ChatFeatureWatch", "FeatureWatchCallbackHandler"]

@@ -1,0 +1,281 @@
+"""featurewatch inside one vLLM worker: a run per live request, the readout at each tap, alerts, blocks.
+
+:class:`EngineMonitor` is the vLLM sibling of :class:`~featurewatch.monitor.Monitor`:
+the same readouts, pools and firings, driven by vLLM's steps instead of
+Hugging Face forward calls. Per step, :meth:`begin_step` maps the runner's
+flattened batch to :class:`~featurewatch.positions.StepTokens` (a
+:class:`~featurewatch.session.RunState` per request id, created on first
+sight), each tapped decoder layer calls :meth:`on_layer` with its output
+(``hidden + residual`` is the residual stream), and :meth:`end_step` reports the
+step. Requests vLLM has finished are closed by :meth:`finish` with their final
+verdicts. A ``block`` firing puts the request in :attr:`blocked` with the stop
+reason the scheduler gives it (see :mod:`.worker`).
+
+Why the runs are keyed by request id and re-read nothing: vLLM may preempt a
+request and recompute it from position 0, so positions already read are
+skipped; prefix caching would skip prompt tokens altogether, so the plugin
+turns it off (see :mod:`.plugin`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...alert import Alert, Outcome, RunResult
+from ...detection import Firing, evidence, new_pools, observe
+from ...detector import DetectorSpec
+from ...errors import ConfigError
+from ...pack import Pack
+from ...readout import Readout, build_readouts
+from ...session import RunState
+from ...sinks import Fanout
+from .batch import ContentMasker, Scheduled, step_tokens
+
+logger = logging.getLogger(__name__)
+
+OFF_KEY = "featurewatch_off"
+"""``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): a true value leaves the request unmonitored."""
+DETECTORS_KEY = "featurewatch_detectors"
+"""``extra_args`` key: the detector names (a list, or a comma-separated string) to run on this request."""
+BLOCK_REASON = "featurewatch: blocked by {detector}"
+
+
+@dataclass
+class _Live:
+    """A request being monitored."""
+
+    state: RunState
+    n_prompt: int
+    content: list[bool]
+    detectors: list[DetectorSpec]
+
+
+@dataclass
+class _Step:
+    rows: Tensor  # (n,) rows of the flat batch that are read this step
+    tokens: Any  # StepTokens of those rows
+    runs: list[RunState]
+    seconds: float = 0.0
+    tapped: set[int] = field(default_factory=set)
+
+
+class EngineMonitor:
+    """The monitor of one vLLM worker: readouts at the tapped layers, a run per request id."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, pack: Pack,
+                 detectors: Sequence[str] | None = None, sinks: Sequence[Any] = (), model_name: str = "",
+                 capture_text: bool = True, fail_closed: bool = False, keep_events: bool = False,
+                 external_id: Callable[[str], str] = lambda rid: rid, keep_results: int = 4096,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.pack = pack
+        self.detectors = pack.select(list(detectors) if detectors is not None else None)
+        self.readouts: list[Readout] = build_readouts(model, self.detectors, pack.saes, pack=pack)
+        self.by_layer = {r.layer: r for r in self.readouts}
+        self.tokenizer = tokenizer
+        self.masker = ContentMasker(tokenizer)
+        self.special = torch.tensor(sorted(self.masker.special), dtype=torch.long)
+        self.model_name = model_name or pack.manifest.model
+        self.capture_text = capture_text
+        self.fanout = Fanout(sinks, [], fail_closed=fail_closed)
+        self.external_id = external_id
+        self.clock = clock
+        self.keep_events = keep_events
+        self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
+        self.results: OrderedDict[str, RunResult] = OrderedDict()
+        self.keep_results = keep_results
+        self.runs: dict[str, _Live] = {}
+        self._req_of: dict[int, str] = {}  # id(RunState) -> request id
+        self.unmonitored: set[str] = set()
+        self.blocked: dict[str, str] = {}  # request id -> stop reason, until vLLM finishes the request
+        self.step: _Step | None = None
+        self.steps = 0
+        self.hook_seconds = 0.0
+        self.fanout.emit("on_attach", model_name=self.model_name, detectors=self.detectors)
+
+    @property
+    def layers(self) -> list[int]:
+        """The decoder layers this monitor reads."""
+        return sorted(self.by_layer)
+
+    # ------------------------------------------------------------------ requests
+    def _live(self, req_id: str, request: Any) -> _Live | None:
+        live = self.runs.get(req_id)
+        if live is not None or req_id in self.unmonitored:
+            return live
+        extra = dict(getattr(getattr(request, "sampling_params", None), "extra_args", None) or {})
+        if extra.get(OFF_KEY):
+            self.unmonitored.add(req_id)
+            return None
+        detectors = self._detectors_for(extra.get(DETECTORS_KEY))
+        prompt = list(getattr(request, "prompt_token_ids", None) or [])
+        state = RunState(run_id=self.external_id(req_id), started_at=self.clock())
+        new_pools(state, detectors)
+        live = _Live(state, len(prompt), self.masker.mask(prompt), detectors)
+        self.runs[req_id] = live
+        self._req_of[id(state)] = req_id
+        if not self.fanout.emit("on_run_start", run_id=state.run_id, model_name=self.model_name):
+            state.degraded = True
+        return live
+
+    def _detectors_for(self, names: Any) -> list[DetectorSpec]:
+        if names is None:
+            return self.detectors
+        wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
+        known = {d.name: d for d in self.detectors}
+        unknown = [n for n in wanted if n and n not in known]
+        if unknown:
+            logger.warning("featurewatch: %s %s names detectors this server does not run (%s); running %s",
+                           DETECTORS_KEY, unknown, ", ".join(known), [n for n in wanted if n in known])
+        return [known[n] for n in wanted if n in known]
+
+    # ------------------------------------------------------------------ steps
+    def begin_step(self, req_ids: Sequence[str | None], query_start_loc: Sequence[int], positions: Tensor,
+                   input_ids: Tensor | None, requests: Mapping[str, Any]) -> None:
+        """Map a forward pass's flat batch (request ``i`` in rows ``query_start_loc[i:i+2]``) to runs."""
+        scheduled: list[Scheduled] = []
+        runs: list[RunState] = []
+        for i, rid in enumerate(req_ids):
+            start, stop = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            if rid is None or stop <= start:
+                continue
+            live = self._live(rid, requests.get(rid))
+            if live is None:
+                continue
+            scheduled.append(Scheduled(len(runs), start, stop, live.n_prompt, live.content))
+            runs.append(live.state)
+        n = int(query_start_loc[len(req_ids)]) if len(req_ids) else 0
+        ids = input_ids[:n] if input_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        tokens = step_tokens(scheduled, positions[:n], ids, self.special)
+        rows = torch.cat([torch.arange(s.start, s.stop) for s in scheduled]) if scheduled else torch.zeros(0).long()
+        # a preempted request is recomputed from position 0: what was read once is not read again
+        seen = torch.tensor([len(runs[r].token_ids) for r in tokens.run.tolist()], dtype=torch.long)
+        fresh = tokens.position >= seen
+        if not bool(fresh.all()):
+            rows = rows[fresh]
+            tokens = replace(tokens, **{k: getattr(tokens, k)[fresh] for k in
+                                        ("run", "position", "completion", "read", "steerable", "token_id")})
+        for r, tid, rd, comp in zip(tokens.run.tolist(), tokens.token_id.tolist(), tokens.read.tolist(),
+                                    tokens.completion.tolist()):
+            run = runs[r]
+            run.token_ids.append(tid)
+            run.read.append(rd)
+            run.completion.append(comp)
+        self.step = _Step(rows, tokens, runs)
+
+    def on_layer(self, layer: int, hidden: Tensor, residual: Tensor | None) -> None:
+        """Read one tapped layer's output for the step's tokens (``hidden``, ``residual``: ``(num_tokens, d)``)."""
+        step, readout = self.step, self.by_layer.get(layer)
+        if step is None or readout is None:
+            return
+        step.tapped.add(layer)
+        if not len(step.tokens):
+            return
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                rows = step.rows.to(hidden.device)
+                x = hidden[rows].float()
+                if residual is not None:
+                    x = x + residual[rows].float()  # the residual stream after the layer
+                feats = readout.features(x)
+                scores = readout.scores(x, feats).cpu() if readout.detectors else None
+                for firing in observe(readout, step.runs, step.tokens, feats.cpu(), scores):
+                    self._fire(step.runs[firing.row], firing)
+        except Exception as exc:  # noqa: BLE001 — fail-open policy of Monitor: the run goes on, degraded
+            for run in step.runs:
+                run.degraded = True
+            self.fanout.fault("hook", exc, stage="hook")
+        step.seconds += time.perf_counter() - t0
+
+    def end_step(self) -> None:
+        """Close the step: check every watched layer ran, and report the monitor's time."""
+        step, self.step = self.step, None
+        if step is None:
+            return
+        missing = set(self.by_layer) - step.tapped
+        if missing:
+            raise ConfigError(
+                f"featurewatch: the taps at layers {sorted(missing)} did not run in a forward pass, so requests "
+                "would go unmonitored; the model was probably compiled before featurewatch tapped it. Start vLLM "
+                "with FEATUREWATCH_PACK set (the plugin taps layers before compilation), or pass --enforce-eager "
+                "(enforce_eager=True)")
+        self.steps += 1
+        self.hook_seconds += step.seconds
+        if len(step.tokens) and not self.fanout.emit("on_forward", model_name=self.model_name,
+                                                     seconds=step.seconds, tokens=len(step.tokens)):
+            for run in step.runs:
+                run.degraded = True
+
+    def finish(self, req_ids: Iterable[str], *, error: bool = False) -> None:
+        """Close requests vLLM has finished: final verdicts, ``on_run_end``, results kept by request id."""
+        for rid in req_ids:
+            self.unmonitored.discard(rid)
+            self.blocked.pop(rid, None)
+            live = self.runs.pop(rid, None)
+            if live is None:
+                continue
+            run = live.state
+            self._req_of.pop(id(run), None)
+            if not error and not run.blocked:
+                for readout in self.readouts:
+                    for spec in readout.detectors:
+                        for phase in spec.phases:
+                            pool = run.pools.get((spec.name, phase))
+                            if pool is not None and pool.final():
+                                self._fire(run, Firing(0, readout, spec, phase, pool, pool.last_pos, final=True))
+            result = self._result(run, error)
+            self.results[run.run_id] = result
+            while len(self.results) > self.keep_results:
+                self.results.popitem(last=False)
+            if self.keep_events:
+                self.events.append(result)
+            self.fanout.emit("on_run_end", result)
+
+    def drain(self) -> list[Alert | RunResult]:
+        """The alerts and results since the last call (kept only with ``keep_events``)."""
+        events, self.events = self.events, []
+        return events
+
+    # ------------------------------------------------------------------ alerts
+    def _fire(self, run: RunState, firing: Firing) -> None:
+        # as Monitor._fire, for a run that is a vLLM request
+        spec = firing.spec
+        span = firing.pool.span(firing.position)
+        text = None
+        if self.capture_text and self.tokenizer is not None:
+            text = self.tokenizer.decode([t for t in run.token_ids[span[0]:span[1]] if t >= 0])
+        alert = Alert(detector=spec.name, phase=firing.phase, score=firing.pool.value,
+                      threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
+                      run_id=run.run_id, model_name=self.model_name, span=span, text=text,
+                      evidence=evidence(firing.readout, run, spec, firing.phase, self.pack.label),
+                      started_at=run.started_at, fired_at=self.clock())
+        run.alerts.append(alert)
+        run.fired.setdefault(spec.name, firing.position)
+        if spec.action == "block" and not firing.final:
+            run.blocked = True
+            rid = self._req_of.get(id(run))
+            if rid is not None:
+                self.blocked[rid] = BLOCK_REASON.format(detector=spec.name)
+        if self.keep_events:
+            self.events.append(alert)
+        if not self.fanout.alert(alert):
+            run.degraded = True
+
+    def _result(self, run: RunState, error: bool) -> RunResult:
+        scores = {name: pool.value for name, pool in run.combined.items() if pool.n}
+        phase_scores: dict[str, dict[str, float]] = {}
+        for (name, phase), pool in run.pools.items():
+            if pool.n:
+                phase_scores.setdefault(phase, {})[name] = pool.value
+        outcome: Outcome = "error" if error else "blocked" if run.blocked else "completed"
+        return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
+                         phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
+                         degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())
