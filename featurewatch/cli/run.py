@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import GenerationBlocked
 from ._common import NON_NEGATIVE, PORT, POSITIVE, add_model_args, build_monitor, check_input, load_pack_checked
+from .steer import check_features, parse_steer
 
 DEMO_PROMPTS = [
     "Write a short, friendly email inviting my team to a picnic on Saturday.",
@@ -31,8 +32,15 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", type=PORT, help="serve Prometheus metrics on this port (0 = any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address to bind the metrics server to")
     p.add_argument("--serve", action="store_true", help="keep serving metrics after the prompts (Ctrl-C stops)")
+    p.add_argument("--steer", action="append", default=[], metavar="[HOOKPOINT:]FEATURE:MODE[:VALUE]",
+                   help="steer a feature in every generation (repeatable): MODE clamp|add|scale|ablate, VALUE in "
+                        "× the feature's max activation for clamp/add, e.g. --steer 812:clamp:2")
+    p.add_argument("--steer-absolute", action="store_true",
+                   help="--steer clamp/add values are raw activations, not × max activation")
     add_model_args(p)
     p.set_defaults(func=cmd_run)
+
+
 
 
 def _prompts(args: argparse.Namespace) -> list[Any]:
@@ -57,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--serve keeps the metrics server up: give --metrics-port too (0 = any free port)")
     color = use_color(sys.stdout) and not args.json
     prompts = _prompts(args)
+    interventions = parse_steer(args.steer, absolute=args.steer_absolute)  # bad specs fail before the load
     pack = load_pack_checked(args)
+    check_features(interventions, pack)
     sinks: list[Any] = []
     server = None
     if args.metrics_port is not None:
@@ -80,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             hp = monitor.hookpoints[0]
             for prompt in prompts:
-                _run_one(args, monitor, prompt, hp, color)
+                _run_one(args, monitor, prompt, hp, color, interventions)
         finally:
             monitor.detach()
         if args.serve and server is not None:
@@ -95,11 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(monitor: Any, prompt: Any, *, max_new_tokens: int, top_features: int, streamer: Any) -> Any:
-    return monitor.generate(prompt, max_new_tokens=max_new_tokens, streamer=streamer, top_features=top_features)
+def _generate(monitor: Any, prompt: Any, *, max_new_tokens: int, top_features: int, streamer: Any,
+              interventions: list[Any]) -> Any:
+    return monitor.generate(prompt, max_new_tokens=max_new_tokens, streamer=streamer, top_features=top_features,
+                            interventions=interventions)
 
 
-def _run_one(args: argparse.Namespace, monitor: Any, prompt: Any, hp: str, color: bool) -> None:
+def _run_one(args: argparse.Namespace, monitor: Any, prompt: Any, hp: str, color: bool,
+             interventions: list[Any]) -> None:
     from ..display import paint
 
     shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
@@ -108,7 +121,7 @@ def _run_one(args: argparse.Namespace, monitor: Any, prompt: Any, hp: str, color
     streamer = None if args.json else _Printer(monitor.tokenizer)
     try:
         result = _generate(monitor, prompt, max_new_tokens=args.max_new_tokens, top_features=args.top_features,
-                           streamer=streamer)
+                           streamer=streamer, interventions=interventions)
     except GenerationBlocked as blocked:
         result = blocked.result
         if not args.json:
