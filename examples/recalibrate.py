@@ -23,17 +23,32 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from featurewatch.calibration.wrappers import MAIL_REQUESTS, NEUTRAL_CONTENTS, pick, wrap
 
-from featurewatch.calibration.wrappers import (MAIL_REQUESTS, NEUTRAL_CONTENTS, NEUTRAL_REQUESTS,  # noqa: E402
-                                               pick, wrap)
+ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "runs" / "recal"
 HW = ROOT / "examples" / "data"
 MAX_CHARS = 200  # ≈ 45 tokens of mail; the same content fits every wrapper under its max_tokens
-MAX_TOKENS = {"neutral": 192, "danger_prompt": 192, "danger_alpaca": 192, "danger_hw": 192, "sycophancy": 96, "chats": 96}  # the rest: 128 (2 CPU cores: ~100-500 tokens/s)
-SETS = ("neutral", "danger_prompt", "danger_alpaca", "mail", "danger_hw", "danger_reply", "chats", "deception", "sycophancy")
+MAX_TOKENS = {
+    "neutral": 192,
+    "danger_prompt": 192,
+    "danger_alpaca": 192,
+    "danger_hw": 192,
+    "sycophancy": 96,
+    "chats": 96,
+}  # the rest: 128 (2 CPU cores: ~100-500 tokens/s)
+SETS = (
+    "neutral",
+    "danger_prompt",
+    "danger_alpaca",
+    "mail",
+    "danger_hw",
+    "danger_reply",
+    "chats",
+    "deception",
+    "sycophancy",
+)
 log = logging.getLogger("recalibrate")
 
 
@@ -67,13 +82,22 @@ def build(data: Path) -> None:
         base = {"id": f"neutral-{i:02d}", "text": text, "label": 0, "source": "neutral", "group": "short"}
         out["neutral"] += wrap(base, ["plain"])
         for sys_on in (False, True):
-            out["neutral"] += [dict(r, id=r["id"] + ("+sys" if sys_on else ""))
-                               for r in wrap(base, ["quoted", "request", "reply"], system=sys_on)]
+            out["neutral"] += [
+                dict(r, id=r["id"] + ("+sys" if sys_on else ""))
+                for r in wrap(base, ["quoted", "request", "reply"], system=sys_on)
+            ]
     # small talk: a short user turn and a short reply
     for i, text in enumerate(NEUTRAL_CONTENTS):
-        chat = {"id": f"smalltalk-{i:02d}", "label": 0, "source": "smalltalk", "group": "short-chat",
-                "messages": [{"role": "user", "content": pick(NEUTRAL_CONTENTS, f"u{i}")},
-                             {"role": "assistant", "content": text}]}
+        chat = {
+            "id": f"smalltalk-{i:02d}",
+            "label": 0,
+            "source": "smalltalk",
+            "group": "short-chat",
+            "messages": [
+                {"role": "user", "content": pick(NEUTRAL_CONTENTS, f"u{i}")},
+                {"role": "assistant", "content": text},
+            ],
+        }
         out["chats"] += wrap(chat, ["native"])
     # mail: public phishing and legitimate list mail, our scams and look-alike notices
     scam = rows(dev / "scam.jsonl")
@@ -102,8 +126,7 @@ def build(data: Path) -> None:
             r = tagged(r, "handwritten-harmful" if r["label"] else "xstest-style")
             own = "plain" if "text" in r else "request"
             other = "request" if own == "plain" else "plain"
-            out["danger_hw"] += wrap(r, [own] + ([other] if half(r, other) and half(r, "again") else []),
-                                     max_chars=420)
+            out["danger_hw"] += wrap(r, [own] + ([other] if half(r, other) and half(r, "again") else []), max_chars=420)
     # our small talk: short texts and short everyday chats, as they are
     for r in rows(HW / "handwritten_smalltalk.jsonl"):
         out["chats"] += wrap(tagged(r, "smalltalk"), ["plain" if "text" in r else "native"])
@@ -134,8 +157,16 @@ def extract(sets: list[str]) -> None:
     for name in sets:
         data = load_labelled(OUT / f"{name}.jsonl")
         log.info("extract %s: %d records", name, len(data.records))
-        cached_acts(loaded.model, loaded.tokenizer, data, "layers.15", max_tokens=MAX_TOKENS.get(name, 128),
-                    cache_dir=OUT / "acts", model_name=loaded.name, progress=_LogProgress)
+        cached_acts(
+            loaded.model,
+            loaded.tokenizer,
+            data,
+            "layers.15",
+            max_tokens=MAX_TOKENS.get(name, 128),
+            cache_dir=OUT / "acts",
+            model_name=loaded.name,
+            progress=_LogProgress,
+        )
         log.info("extract %s: done", name)
 
 
@@ -166,8 +197,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     data = Path(args.data)
     if not (data / "dev").is_dir() or not (data / "corpus").is_dir():
-        print(f"error: data directory {data} has no dev/ and corpus/ (pass --data DIR or DATA=DIR; "
-              "see ../shared/data/README.md)", file=sys.stderr)
+        print(
+            f"error: data directory {data} has no dev/ and corpus/ (pass --data DIR or DATA=DIR; "
+            "see ../shared/data/README.md)",
+            file=sys.stderr,
+        )
         return 2
     steps = args.steps.split(",")
     if "build" in steps:
@@ -177,8 +211,14 @@ def main() -> int:
     if "fit" in steps or "report" in steps:
         from recalibrate_fit import run  # noqa: E402  (examples/recalibrate_fit.py)
 
-        run(OUT, ROOT / "detectors" / "smollm2-135m-instruct", fit="fit" in steps, report="report" in steps,
-            allow_missing=args.allow_missing, only=[d for d in args.only.split(",") if d] or None)
+        run(
+            OUT,
+            ROOT / "detectors" / "smollm2-135m-instruct",
+            fit="fit" in steps,
+            report="report" in steps,
+            allow_missing=args.allow_missing,
+            only=[d for d in args.only.split(",") if d] or None,
+        )
     return 0
 
 

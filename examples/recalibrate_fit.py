@@ -17,10 +17,9 @@ import numpy as np
 
 from featurewatch.calibration.data import cached_acts, load_labelled
 from featurewatch.calibration.metrics import auroc
-from featurewatch.calibration.report import Task, evaluate, explain, pooled_scores
+from featurewatch.calibration.report import Task, evaluate, explain
 from featurewatch.calibration.rows import PhaseRows, phase_rows
-from featurewatch.calibration.select import (fit_probe, fit_readout, is_formatting, paired_shift,
-                                             wrapper_gap)
+from featurewatch.calibration.select import fit_probe, fit_readout, is_formatting, paired_shift, wrapper_gap
 from featurewatch.calibration.thresholds import binding, hysteresis_from, per_cell_thresholds, shrunk
 from featurewatch.calibration.wrappers import phase_of_content, wrapper_family
 from featurewatch.models import EMBEDDED_MODEL_NAME
@@ -29,43 +28,92 @@ from featurewatch.training.harvest import is_held_out
 
 log = logging.getLogger("recalibrate")
 HOOK = "layers.15"
-MAX_TOKENS = {"neutral": 192, "danger_prompt": 192, "danger_alpaca": 192, "danger_hw": 192, "sycophancy": 96, "chats": 96}  # the rest 128, as in recalibrate.py
+MAX_TOKENS = {
+    "neutral": 192,
+    "danger_prompt": 192,
+    "danger_alpaca": 192,
+    "danger_hw": 192,
+    "sycophancy": 96,
+    "chats": 96,
+}  # the rest 128, as in recalibrate.py
 PRIOR_TOKENS = 4.0
 MAX_FEATURES = 16
 # per hard-negative group: the highest FPR it may see in any wrapper (the rest: DEFAULT_TARGET)
-TARGETS = {"legit-mail": 0.02, "look-alike": 0.10, "xstest-style": 0.05, "ordinary-chats": 0.02,
-           "smalltalk": 0.0, "short-chat": 0.0, "short": 0.0, "alpaca": 0.02, "alpaca-replies": 0.05}
+TARGETS = {
+    "legit-mail": 0.02,
+    "look-alike": 0.10,
+    "xstest-style": 0.05,
+    "ordinary-chats": 0.02,
+    "smalltalk": 0.0,
+    "short-chat": 0.0,
+    "short": 0.0,
+    "alpaca": 0.02,
+    "alpaca-replies": 0.05,
+}
 DEFAULT_TARGET = 0.05
 DETECTORS: dict[str, dict[str, Any]] = {
     "scam-email": dict(
-        phases=["prompt", "completion"], pos=["mail"], neg=["neutral", "chats", "danger_prompt", "danger_alpaca", "danger_hw", "danger_reply"],
-        min_tokens=8, severity="warning",
-        description="Text that is, or is being written as, a scam, phishing or fraud message."),
+        phases=["prompt", "completion"],
+        pos=["mail"],
+        neg=["neutral", "chats", "danger_prompt", "danger_alpaca", "danger_hw", "danger_reply"],
+        min_tokens=8,
+        severity="warning",
+        description="Text that is, or is being written as, a scam, phishing or fraud message.",
+    ),
     "dangerous-content": dict(
-        phases=["prompt", "completion"], pos=["danger_prompt", "danger_alpaca", "danger_hw", "danger_reply"], neg=["neutral", "chats", "mail"],
-        min_tokens=6, severity="critical",
+        phases=["prompt", "completion"],
+        pos=["danger_prompt", "danger_alpaca", "danger_hw", "danger_reply"],
+        neg=["neutral", "chats", "mail"],
+        min_tokens=6,
+        severity="critical",
         description="Requests for, or text giving, seriously harmful capability (weapons, cyberattacks, "
-                    "violent crime, hard drugs)."),
+        "violent crime, hard drugs).",
+    ),
     "sycophancy": dict(
-        phases=["completion"], pos=["sycophancy"], neg=["neutral", "chats", "mail", "danger_hw", "danger_reply", "deception"],
-        min_tokens=6, severity="info",
-        description="The assistant flattering the user or telling them what they want to hear instead of the truth."),
+        phases=["completion"],
+        pos=["sycophancy"],
+        neg=["neutral", "chats", "mail", "danger_hw", "danger_reply", "deception"],
+        min_tokens=6,
+        severity="info",
+        description="The assistant flattering the user or telling them what they want to hear instead of the truth.",
+    ),
     "deception": dict(
-        phases=["completion"], pos=["deception"], neg=["neutral", "chats", "mail", "danger_hw", "danger_reply", "sycophancy"],
-        min_tokens=5, severity="warning",
+        phases=["completion"],
+        pos=["deception"],
+        neg=["neutral", "chats", "mail", "danger_hw", "danger_reply", "sycophancy"],
+        min_tokens=5,
+        severity="warning",
         description="The assistant knowingly misleading (lying, concealing, manipulating, fabricating) "
-                    "or asserting falsehoods."),
+        "or asserting falsehoods.",
+    ),
 }
 
 
 def load_rows(out: Path, sae: SparseAutoencoder, *, allow_missing: bool = False) -> PhaseRows:
     """Pooled rows of every set from the activation cache (``extract`` must have run)."""
     parts = []
-    for name in ("neutral", "danger_prompt", "danger_alpaca", "mail", "danger_hw", "danger_reply", "chats", "deception", "sycophancy"):
+    for name in (
+        "neutral",
+        "danger_prompt",
+        "danger_alpaca",
+        "mail",
+        "danger_hw",
+        "danger_reply",
+        "chats",
+        "deception",
+        "sycophancy",
+    ):
         data = load_labelled(out / f"{name}.jsonl")
         try:
-            acts = cached_acts(None, None, data, HOOK, max_tokens=MAX_TOKENS.get(name, 128),
-                               cache_dir=out / "acts", model_name=EMBEDDED_MODEL_NAME)
+            acts = cached_acts(
+                None,
+                None,
+                data,
+                HOOK,
+                max_tokens=MAX_TOKENS.get(name, 128),
+                cache_dir=out / "acts",
+                model_name=EMBEDDED_MODEL_NAME,
+            )
         except (AttributeError, TypeError):  # no cache: extract would need the model
             if not allow_missing:
                 raise SystemExit(f"no cached activations for {name}; run the extract step first") from None
@@ -146,18 +194,27 @@ def candidate_pool(rows: PhaseRows, X: np.ndarray, features_info: dict[int, dict
     gap = wrapper_gap(content[neutral], [rows.wrappers[i] for i in np.flatnonzero(neutral)], scale)
     on_empty = content[neutral].mean(0) / scale
     multi = np.array([s in ("mail", "danger_prompt", "danger_alpaca", "danger_hw", "danger_reply") for s in rows.sets])
-    shift = paired_shift(content[multi], [rows.base_ids[i] for i in np.flatnonzero(multi)],
-                         [rows.families[i] for i in np.flatnonzero(multi)])
+    shift = paired_shift(
+        content[multi],
+        [rows.base_ids[i] for i in np.flatnonzero(multi)],
+        [rows.families[i] for i in np.flatnonzero(multi)],
+    )
     fmt = np.array([is_formatting(features_info.get(f)) for f in range(X.shape[1])])
     # scale is the 99th percentile of pooled activations over whole texts; on 1–3 token contents a
     # pooled mean runs higher, so the wrapper must move a feature by more than that scale to count
-    drop = {"wrapper_gap": fires & (gap > 2.0), "fires_on_empty": fires & (on_empty > 2.0),
-            "paired_shift": fires & (shift > 0.5), "formatting": fires & fmt}
+    drop = {
+        "wrapper_gap": fires & (gap > 2.0),
+        "fires_on_empty": fires & (on_empty > 2.0),
+        "paired_shift": fires & (shift > 0.5),
+        "formatting": fires & fmt,
+    }
     keep = fires.copy()
     for m in drop.values():
         keep &= ~m
-    return np.flatnonzero(keep), {k: int(v.sum()) for k, v in drop.items()} | {"kept": int(keep.sum()),
-                                                                             "fire": int(fires.sum())}
+    return np.flatnonzero(keep), {k: int(v.sum()) for k, v in drop.items()} | {
+        "kept": int(keep.sum()),
+        "fire": int(fires.sum()),
+    }
 
 
 def calibrate_scores(rows: PhaseRows, task: Task, raw: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -174,14 +231,20 @@ def calibrate_scores(rows: PhaseRows, task: Task, raw: np.ndarray, cfg: dict[str
     phase_thr, binds = {}, {}
     for ph in cfg["phases"]:
         sel = neg & (task.phase == ph)
-        cells = per_cell_thresholds(s[sel], n[sel], [cell_group(i) for i in task.index[sel]],
-                                    [wrapper_family(rows.wrappers[i]) for i in task.index[sel]], TARGETS,
-                                    default_target=DEFAULT_TARGET, min_tokens=cfg["min_tokens"])
+        cells = per_cell_thresholds(
+            s[sel],
+            n[sel],
+            [cell_group(i) for i in task.index[sel]],
+            [wrapper_family(rows.wrappers[i]) for i in task.index[sel]],
+            TARGETS,
+            default_target=DEFAULT_TARGET,
+            min_tokens=cfg["min_tokens"],
+        )
         b = binding(cells)
         phase_thr[ph], binds[ph] = b.threshold, f"{b.group}/{b.wrapper} ({b.n} negatives, target {b.target_fpr:.0%})"
     # the combined score pools every watched phase of a record
     comb = {}
-    for i, p, r, k in zip(task.index, task.phase, raw, n):
+    for i, r, k in zip(task.index, raw, n):
         t, m = comb.get(i, (0.0, 0))
         comb[i] = (t + r * k, m + k)
     ci = np.array(sorted(comb))
@@ -192,18 +255,24 @@ def calibrate_scores(rows: PhaseRows, task: Task, raw: np.ndarray, cfg: dict[str
         cy[np.searchsorted(ci, i)] |= y
     cs = (ctot + PRIOR_TOKENS * prior) / (cn + PRIOR_TOKENS)
     cneg = cy == 0
-    cells = per_cell_thresholds(cs[cneg], cn[cneg], [cell_group(i) for i in ci[cneg]],
-                                [wrapper_family(rows.wrappers[i]) for i in ci[cneg]], TARGETS,
-                                default_target=DEFAULT_TARGET, min_tokens=cfg["min_tokens"])
+    cells = per_cell_thresholds(
+        cs[cneg],
+        cn[cneg],
+        [cell_group(i) for i in ci[cneg]],
+        [wrapper_family(rows.wrappers[i]) for i in ci[cneg]],
+        TARGETS,
+        default_target=DEFAULT_TARGET,
+        min_tokens=cfg["min_tokens"],
+    )
     combined = binding(cells).threshold
     pos_own = s[(task.y == 1)]
     hyst = hysteresis_from(pos_own, 0.0)
-    return {"prior": prior, "phase_thresholds": phase_thr, "binding": binds, "threshold": combined,
-            "hysteresis": hyst}
+    return {"prior": prior, "phase_thresholds": phase_thr, "binding": binds, "threshold": combined, "hysteresis": hyst}
 
 
-def fit_one(name: str, cfg: dict[str, Any], rows: PhaseRows, fit_mask: np.ndarray, features_info: dict,
-            kind: str) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any]]:
+def fit_one(
+    name: str, cfg: dict[str, Any], rows: PhaseRows, fit_mask: np.ndarray, features_info: dict, kind: str
+) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any]]:
     task_all = task_for(cfg, rows)
     task = sub(task_all, fit_mask[task_all.index])
     w = sample_weights(rows, task)
@@ -239,22 +308,35 @@ def fit_one(name: str, cfg: dict[str, Any], rows: PhaseRows, fit_mask: np.ndarra
     info["oof_auroc"] = round(auroc(oof, task.y), 4)
     info["binding"] = cal["binding"]
     spec: dict[str, Any] = {
-        "name": name if kind == "sae" else f"{name}-probe", "description": cfg["description"], "kind": kind,
-        "hookpoint": HOOK}
+        "name": name if kind == "sae" else f"{name}-probe",
+        "description": cfg["description"],
+        "kind": kind,
+        "hookpoint": HOOK,
+    }
     if kind == "sae":
-        spec["features"] = [{"id": int(f), "weight": float(wt),
-                             "label": (features_info.get(int(f)) or {}).get("label")}
-                            for f, wt in sorted(zip(feats, weights), key=lambda t: -abs(t[1]))]
+        spec["features"] = [
+            {"id": int(f), "weight": float(wt), "label": (features_info.get(int(f)) or {}).get("label")}
+            for f, wt in sorted(zip(feats, weights), key=lambda t: -abs(t[1]))
+        ]
     else:
         spec["probe_weights"] = f"probes/{name}-probe.safetensors"
-    spec.update({
-        "bias": float(bias),
-        "pooling": {"method": "mean", "min_tokens": cfg["min_tokens"], "prior_score": round(cal["prior"], 4),
-                    "prior_tokens": PRIOR_TOKENS},
-        "threshold": round(cal["threshold"], 4),
-        "phase_thresholds": {p: round(t, 4) for p, t in cal["phase_thresholds"].items()},
-        "hysteresis": round(cal["hysteresis"], 4), "phases": cfg["phases"], "action": "alert",
-        "severity": cfg["severity"]})
+    spec.update(
+        {
+            "bias": float(bias),
+            "pooling": {
+                "method": "mean",
+                "min_tokens": cfg["min_tokens"],
+                "prior_score": round(cal["prior"], 4),
+                "prior_tokens": PRIOR_TOKENS,
+            },
+            "threshold": round(cal["threshold"], 4),
+            "phase_thresholds": {p: round(t, 4) for p, t in cal["phase_thresholds"].items()},
+            "hysteresis": round(cal["hysteresis"], 4),
+            "phases": cfg["phases"],
+            "action": "alert",
+            "severity": cfg["severity"],
+        }
+    )
     return spec, probe, info
 
 
@@ -275,8 +357,15 @@ def apply_labels(pack: Path) -> dict[int, dict[str, Any]]:
     return {f["id"]: f for f in raw[HOOK]}
 
 
-def run(out: Path, pack: Path, *, fit: bool = True, report: bool = True, allow_missing: bool = False,
-        only: list[str] | None = None) -> None:
+def run(
+    out: Path,
+    pack: Path,
+    *,
+    fit: bool = True,
+    report: bool = True,
+    allow_missing: bool = False,
+    only: list[str] | None = None,
+) -> None:
     sae = SparseAutoencoder.load(pack / "sae" / HOOK)
     features_info = apply_labels(pack)
     rows = load_rows(out, sae, allow_missing=allow_missing)
@@ -305,31 +394,43 @@ def run(out: Path, pack: Path, *, fit: bool = True, report: bool = True, allow_m
             task_all = task_for(cfg, rows)
             ho = sub(task_all, held[task_all.index])
             table = evaluate(spec, rows, ho, probe)
-            overall = next(r for r in table if r["group"] == "(all)" and r["wrapper"] == "(all)"
-                           and r["phase"] == cfg["phases"][-1])
+            overall = next(
+                r
+                for r in table
+                if r["group"] == "(all)" and r["wrapper"] == "(all)" and r["phase"] == cfg["phases"][-1]
+            )
             if fit:
                 spec["calibration"] = {
                     "data": sorted({f"{rows.sets[i]}: {rows.groups[i]}" for i in task_all.index}),
                     "target_fpr": DEFAULT_TARGET,
-                    "auroc": overall["auroc"], "tpr_at_fpr": overall["recall"], "fpr": overall["fpr"],
-                    "n_pos": overall["n_pos"], "n_neg": overall["n_neg"],
+                    "auroc": overall["auroc"],
+                    "tpr_at_fpr": overall["recall"],
+                    "fpr": overall["fpr"],
+                    "n_pos": overall["n_pos"],
+                    "n_neg": overall["n_neg"],
                     "held_out": "records whose sha256(base id) falls in the first 20% (every wrapper of a text "
-                                "in the same split); thresholds from 5-fold out-of-fold scores on the rest",
+                    "in the same split); thresholds from 5-fold out-of-fold scores on the rest",
                     "date": dt.date.today().isoformat(),
-                    "notes": (f"each text in several wrappers (plain, quoted in a user message, assistant reply to a "
-                              f"neutral request, ± system prompt); per (group, wrapper) FPR targets {TARGETS}, "
-                              f"default {DEFAULT_TARGET:.0%}; binding cells {info.get('binding')}; "
-                              f"candidate pool {info.get('pool')}; share of |w·mean a| on the fit positives by feature "
-                              f"{info.get('shares')}; out-of-fold AUROC {info.get('oof_auroc')}; "
-                              f"figures above: held-out, {cfg['phases'][-1]} phase, all groups and wrappers")}
+                    "notes": (
+                        f"each text in several wrappers (plain, quoted in a user message, assistant reply to a "
+                        f"neutral request, ± system prompt); per (group, wrapper) FPR targets {TARGETS}, "
+                        f"default {DEFAULT_TARGET:.0%}; binding cells {info.get('binding')}; "
+                        f"candidate pool {info.get('pool')}; share of |w·mean a| on the fit positives by feature "
+                        f"{info.get('shares')}; out-of-fold AUROC {info.get('oof_auroc')}; "
+                        f"figures above: held-out, {cfg['phases'][-1]} phase, all groups and wrappers"
+                    ),
+                }
                 from featurewatch.detector import DetectorSpec
 
                 DetectorSpec.model_validate(spec)  # the runtime must accept what is shipped
                 spec_path.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
             pos = ho.y == 1
             X_pos = X_of(rows, sub(ho, pos))
-            results[spec["name"]] = {"table": table, "info": info,
-                                     "explain": explain(spec, features_info, X_pos) if kind == "sae" else None}
+            results[spec["name"]] = {
+                "table": table,
+                "info": info,
+                "explain": explain(spec, features_info, X_pos) if kind == "sae" else None,
+            }
     (out / "report.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(markdown(results, detail=False))
     log.info("wrote %s", out / "report.json")
@@ -337,8 +438,10 @@ def run(out: Path, pack: Path, *, fit: bool = True, report: bool = True, allow_m
 
 def markdown(results: dict[str, Any], *, detail: bool = True) -> str:
     """The held-out tables as Markdown: per detector, phase, group and wrapper; the probe's AUROC beside."""
-    lines = ["| detector | phase | group | wrapper | pos | neg | AUROC | recall@thr | FPR@thr | probe AUROC |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| detector | phase | group | wrapper | pos | neg | AUROC | recall@thr | FPR@thr | probe AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     for name, res in results.items():
         if name.endswith("-probe"):
@@ -348,6 +451,8 @@ def markdown(results: dict[str, Any], *, detail: bool = True) -> str:
             if not detail and r["group"] != "(all)" and r["wrapper"] != "(all)":
                 continue
             p = probe.get((r["phase"], r["group"], r["wrapper"]), {})
-            lines.append(f"| {name} | {r['phase']} | {r['group']} | {r['wrapper']} | {r['n_pos']} | {r['n_neg']} | "
-                         f"{f(r['auroc'])} | {f(r['recall'])} | {f(r['fpr'])} | {f(p.get('auroc'))} |")
+            lines.append(
+                f"| {name} | {r['phase']} | {r['group']} | {r['wrapper']} | {r['n_pos']} | {r['n_neg']} | "
+                f"{f(r['auroc'])} | {f(r['recall'])} | {f(r['fpr'])} | {f(p.get('auroc'))} |"
+            )
     return "\n".join(lines) + "\n"

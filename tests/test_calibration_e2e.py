@@ -6,7 +6,6 @@ Cases are the project's own words (not from any data set). Slow: one model load,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

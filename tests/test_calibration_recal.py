@@ -9,11 +9,9 @@ from featurewatch.calibration.metrics import auroc
 from featurewatch.calibration.report import Task, evaluate, explain
 from featurewatch.calibration.rows import PhaseRows
 from featurewatch.calibration.select import fit_readout, is_formatting, paired_shift, wrapper_gap
-from featurewatch.calibration.thresholds import (binding, fires, hysteresis_from, per_cell_thresholds,
-                                                 shrunk)
+from featurewatch.calibration.thresholds import binding, fires, hysteresis_from, per_cell_thresholds, shrunk
 from featurewatch.calibration.wrappers import content_of, phase_of_content, truncate, wrap
 from featurewatch.records import parse_record
-
 
 # --- wrappers ---------------------------------------------------------------------------------
 

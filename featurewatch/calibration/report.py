@@ -76,7 +76,8 @@ def _r(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
 
 
-def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None) -> list[dict[str, Any]]:
+def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task,
+             probe: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per phase and (group, wrapper family): n, AUROC, recall and FPR at the shipped threshold (cached rows)."""
     score, n = pooled_scores(spec, rows, task, probe)
     min_tokens = int(spec.get("pooling", {}).get("min_tokens", 1))

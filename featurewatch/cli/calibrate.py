@@ -1,4 +1,6 @@
-"""``featurewatch discover``, ``calibrate``, ``eval`` and ``explain``: find features, fit detectors, measure and show them.
+"""``featurewatch discover``, ``calibrate``, ``eval`` and ``explain``.
+
+Find features, fit detectors, measure them and show them.
 
 The fitting and measuring live in :mod:`featurewatch.calibration`; this module
 reads the options, checks them before the model loads, and prints reports.
@@ -296,12 +298,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         probe = {}
         if f"{spec.name}-probe" in probes:
             probe_spec = pack.detectors[f"{spec.name}-probe"].model_dump()
-            probe = {(r["phase"], r["group"], r["wrapper"]): r for r in evaluate_runs(probe_spec, recs, runs)}
-        for r in own:
-            p = probe.get((r["phase"], r["group"], r["wrapper"]), {})
-            rows.append({"detector": spec.name, **r, "probe_auroc": p.get("auroc")})
+            probe = {(c["phase"], c["group"], c["wrapper"]): c for c in evaluate_runs(probe_spec, recs, runs)}
+        for cell in own:
+            p = probe.get((cell["phase"], cell["group"], cell["wrapper"]), {})
+            rows.append({"detector": spec.name, **cell, "probe_auroc": p.get("auroc")})
     if not args.detail:
-        rows = [r for r in rows if r["group"] == "(all)" or r["wrapper"] == "(all)"]
+        rows = [c for c in rows if c["group"] == "(all)" or c["wrapper"] == "(all)"]
     if args.json:
         print(json.dumps({"split": args.split, "rows": rows}))
         return 0
@@ -320,7 +322,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     pack = load_pack(args.pack or DEFAULT_PACK)
     if args.detector not in pack.detectors:
-        raise CLIError(f"detector {args.detector!r} is not in pack {pack.name}; valid: {', '.join(sorted(pack.detectors))}")
+        raise CLIError(f"detector {args.detector!r} is not in pack {pack.name}; "
+                       f"valid: {', '.join(sorted(pack.detectors))}")
     spec = pack.detectors[args.detector]
     infos = {i: info.model_dump() for i, info in pack.features.get(spec.hookpoint, {}).items()}
     out = explain(spec.model_dump(), infos, contexts=args.contexts)
