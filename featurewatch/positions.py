@@ -30,7 +30,12 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class StepTokens:
-    """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token."""
+    """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token.
+
+    Rows are grouped by run, runs in order, each run's tokens in position order:
+    ``counts[r]`` consecutive rows belong to run ``r``. Consumers split by ``counts``
+    (views) instead of selecting each run with a mask.
+    """
 
     run: Tensor  # (n,) long: which run (batch row / request) the token belongs to
     position: Tensor  # (n,) long: its position in that run
@@ -38,6 +43,11 @@ class StepTokens:
     read: Tensor  # (n,) bool: detectors, evidence and statistics read it
     steerable: Tensor  # (n,) bool: interventions may change it (not padding, special or the sink)
     token_id: Tensor  # (n,) long: -1 where the model was given embeddings
+    counts: tuple[int, ...] = ()  # tokens of each run, in run order (default: counted from ``run``)
+
+    def __post_init__(self) -> None:
+        if not self.counts and self.run.numel():
+            object.__setattr__(self, "counts", tuple(torch.bincount(self.run).tolist()))
 
     def __len__(self) -> int:
         return int(self.run.numel())
@@ -49,6 +59,11 @@ class PositionTracker:
     ``n_prompt[r]``: how many leading positions of row ``r`` are prompt (default: the whole
     first call). ``content[r]``: the renderer's content mask of row ``r``'s prompt positions
     (aligned with ``input_ids``, padding included); positions past it are content unless special.
+
+    It runs once per forward pass, so what does not change between passes (the run index,
+    the prompt lengths, the attention sinks' positions) is computed once, and the checks
+    that cannot apply to a pass (the sink, the content mask and the prompt boundary during
+    decode) are skipped by comparing plain integers.
     """
 
     def __init__(self, batch_size: int, special_ids: Sequence[int], *, n_prompt: Sequence[int] | None = None,
@@ -66,41 +81,61 @@ class PositionTracker:
         self.first_real: Tensor | None = None
         self.last: StepTokens | None = None
         self.n_new = 0
+        self._last_sink = -1  # the largest attention-sink position (plain int: decode steps skip the check)
+        self._n_prompt_t: Tensor | None = None  # (batch, 1)
+        self._runs: dict[int, Tensor] = {}  # n_new -> (batch · n_new,) run index
+
+    def _set_first_real(self, first_real: Tensor) -> None:
+        self.first_real = first_real
+        self._last_sink = int(first_real.max()) if first_real.numel() else -1
 
     def step(self, input_ids: Tensor | None, attention_mask: Tensor | None, length: int) -> StepTokens:
         """Register one forward call whose inputs are ``length`` positions long; return its new tokens."""
         start = self.n_seen
         n_new = length if start == 0 or length <= start else length - start
+        end = start + n_new
         b = self.batch_size
         if input_ids is not None:
             new_ids = input_ids[:, -n_new:].detach().to("cpu", torch.long)
         else:
             new_ids = torch.full((b, n_new), -1, dtype=torch.long)
-        positions = torch.arange(start, start + n_new)
+        positions = torch.arange(start, end)
         excluded = torch.isin(new_ids, self.special)
         if attention_mask is not None:
-            mask = attention_mask.detach().cpu()
             if self.first_real is None:
-                self.first_real = mask.long().argmax(dim=1)
-            excluded |= mask[:, start:start + n_new] == 0
+                self._set_first_real(attention_mask.detach().cpu().long().argmax(dim=1))
+            excluded |= attention_mask[:, start:end].detach().cpu() == 0
         elif self.first_real is None:
-            self.first_real = torch.zeros(b, dtype=torch.long)
-        excluded |= positions.unsqueeze(0) == self.first_real.unsqueeze(1)
+            self._set_first_real(torch.zeros(b, dtype=torch.long))
+        assert self.first_real is not None
+        if start <= self._last_sink:
+            excluded |= positions.unsqueeze(0) == self.first_real.unsqueeze(1)
         steerable = ~excluded
         if self.content is not None and start < self.content.shape[1]:
-            window = self.content[:, start:start + n_new]
+            window = self.content[:, start:end]
             excluded[:, :window.shape[1]] |= ~window
         if self.n_prompt is None:
-            self.n_prompt = [start + n_new] * b
-        n_prompt = torch.tensor(self.n_prompt).unsqueeze(1)
-        self.n_seen = start + n_new
+            self.n_prompt = [end] * b
+        if self._n_prompt_t is None:
+            self._n_prompt_t = torch.tensor(self.n_prompt).unsqueeze(1)
+        if start >= max(self.n_prompt):
+            completion = torch.ones(b * n_new, dtype=torch.bool)
+        elif end <= min(self.n_prompt):
+            completion = torch.zeros(b * n_new, dtype=torch.bool)
+        else:
+            completion = (positions.unsqueeze(0) >= self._n_prompt_t).flatten()
+        run = self._runs.get(n_new)
+        if run is None:
+            run = self._runs[n_new] = torch.arange(b).repeat_interleave(n_new)
+        self.n_seen = end
         self.n_new = n_new
         self.last = StepTokens(
-            run=torch.arange(b).repeat_interleave(n_new),
-            position=positions.repeat(b),
-            completion=(positions.unsqueeze(0) >= n_prompt).flatten(),
+            run=run,
+            position=positions.repeat(b) if b > 1 else positions,
+            completion=completion,
             read=(~excluded).flatten(),
             steerable=steerable.flatten(),
             token_id=new_ids.flatten(),
+            counts=(n_new,) * b,
         )
         return self.last
