@@ -58,14 +58,11 @@ def observe(readout: Readout, runs: Sequence[RunState], tokens: StepTokens, feat
     ``feats`` ``(n, m)`` and ``scores`` ``(n, n_det)`` are on the CPU, rows aligned with ``tokens``;
     ``totals`` (the session's, for this hookpoint) gets the read tokens' feature sums.
     """
+    read, completion = tokens.read.tolist(), tokens.completion.tolist()
     if totals is not None and feats.shape[1]:
-        spare = 2 * len(runs)  # unread tokens are summed into a spare row that is dropped
-        slot = (tokens.run * 2 + tokens.completion).masked_fill_(~tokens.read, spare)
-        totals.sums += torch.zeros(spare + 1, feats.shape[1]).index_add_(0, slot, feats)[:spare]
-        totals.counts += torch.bincount(slot, minlength=spare + 1)[:spare]
+        _add_totals(totals, tokens, feats, read, completion)
     if scores is None or not readout.detectors:
         return []
-    read, completion = tokens.read.tolist(), tokens.completion.tolist()
     table: list[list[float]] | None = None
     positions: list[int] = []
     firings = []
@@ -95,6 +92,43 @@ def observe(readout: Readout, runs: Sequence[RunState], tokens: StepTokens, feat
                 if pool.check():
                     firings.append(Firing(r, readout, spec, phase, pool, pool.last_pos))
     return firings
+
+
+def _add_totals(totals: FeatureTotals, tokens: StepTokens, feats: Tensor, read: list[bool],
+                completion: list[bool]) -> None:
+    """Add the read tokens' features to their (run, phase) sums, in token order.
+
+    Only element-wise ops: scatter kernels (``index_add_``) enter
+    the intra-op thread pool even for one row, and on a busy machine each such entry can
+    wait milliseconds for a descheduled thread; this runs once per pass and hookpoint.
+    The sums are bit-identical to adding token by token (zeros stand for unread tokens).
+    """
+    counts = tokens.counts
+    n, m = (counts[0] if counts else 0), feats.shape[1]
+    if any(c != n for c in counts):  # runs of unequal length: one run at a time
+        start = 0
+        for r, c in enumerate(counts):
+            sub = StepTokens(tokens.run[start:start + c], tokens.position[start:start + c],
+                             tokens.completion[start:start + c], tokens.read[start:start + c],
+                             tokens.steerable[start:start + c], tokens.token_id[start:start + c], (c,))
+            one = FeatureTotals(totals.sums[2 * r:2 * r + 2], totals.counts[2 * r:2 * r + 2])
+            _add_totals(one, sub, feats[start:start + c], read[start:start + c], completion[start:start + c])
+            start += c
+        return
+    b = len(counts)
+    for phase in (0, 1):
+        member = [ok and c == phase for ok, c in zip(read, completion)]
+        if not any(member):
+            continue
+        x = feats if all(member) else torch.where(torch.tensor(member).unsqueeze(1), feats, 0.0)
+        x = x.view(b, n, m)
+        step = x[:, 0]
+        if n > 1:  # left to right, as index_add_ adds (sum() and cumsum() may reorder or widen)
+            step = step.clone()
+            for i in range(1, n):
+                step += x[:, i]
+        totals.sums.view(b, 2, m)[:, phase] += step
+        totals.counts.view(b, 2)[:, phase] += torch.tensor([sum(member[r * n:(r + 1) * n]) for r in range(b)])
 
 
 def final_firings(readouts: Sequence[Readout], runs: Sequence[RunState]) -> list[Firing]:

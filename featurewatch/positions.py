@@ -69,7 +69,7 @@ class PositionTracker:
     def __init__(self, batch_size: int, special_ids: Sequence[int], *, n_prompt: Sequence[int] | None = None,
                  content: Sequence[Sequence[bool]] | None = None) -> None:
         self.batch_size = batch_size
-        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.special = frozenset(int(i) for i in special_ids)
         self.n_prompt = list(n_prompt) if n_prompt is not None else None
         self.content = None
         if content is not None:
@@ -100,7 +100,9 @@ class PositionTracker:
         else:
             new_ids = torch.full((b, n_new), -1, dtype=torch.long)
         positions = torch.arange(start, end)
-        excluded = torch.isin(new_ids, self.special)
+        # a set lookup, not torch.isin: a few ids per decode step, and no kernel launch
+        excluded = torch.tensor([i in self.special for i in new_ids.flatten().tolist()],
+                                dtype=torch.bool).view(b, n_new)
         if attention_mask is not None:
             if self.first_real is None:
                 self._set_first_real(attention_mask.detach().cpu().long().argmax(dim=1))
