@@ -24,7 +24,7 @@ from .detector import DetectorSpec
 from .pooling import PhasePool
 from .positions import StepTokens
 from .readout import Readout
-from .session import RunState
+from .session import FeatureTotals, RunState
 
 LabelLookup = Callable[[str, int], "str | None"]
 
@@ -52,48 +52,83 @@ def new_pools(run: RunState, detectors: Sequence[DetectorSpec]) -> None:
 
 
 def observe(readout: Readout, runs: Sequence[RunState], tokens: StepTokens, feats: Tensor,
-            scores: Tensor | None) -> list[Firing]:
+            scores: Tensor | None, totals: FeatureTotals | None = None) -> list[Firing]:
     """Pool one forward pass's new tokens at one hookpoint; return the detectors that fire now.
 
-    ``feats`` ``(n, m)`` and ``scores`` ``(n, n_det)`` are on the CPU, rows aligned with ``tokens``.
+    ``feats`` ``(n, m)`` and ``scores`` ``(n, n_det)`` are on the CPU, rows aligned with ``tokens``;
+    ``totals`` (the session's, for this hookpoint) gets the read tokens' feature sums.
     """
-    hp = readout.hookpoint
-    read = tokens.read
-    if bool(read.any()) and feats.shape[1]:
-        group = tokens.run[read] * 2 + tokens.completion[read].long()  # (run, phase) of each read token
-        sums = torch.zeros(len(runs) * 2, feats.shape[1]).index_add_(0, group, feats[read])
-        counts = torch.bincount(group, minlength=len(runs) * 2).tolist()
-        for g, count in enumerate(counts):
-            if count:
-                run = runs[g // 2]
-                key = (hp, COMPLETION if g % 2 else PROMPT)
-                run.feature_sums[key] = run.feature_sums[key] + sums[g] if key in run.feature_sums else sums[g]
-                run.feature_counts[key] = run.feature_counts.get(key, 0) + count
+    read, completion = tokens.read.tolist(), tokens.completion.tolist()
+    if totals is not None and feats.shape[1]:
+        _add_totals(totals, tokens, feats, read, completion)
     if scores is None or not readout.detectors:
         return []
-    # the read tokens of each (run, phase), in position order
-    groups: dict[tuple[int, Phase], list[int]] = {}
-    for i, (r, completion, ok) in enumerate(zip(tokens.run.tolist(), tokens.completion.tolist(), read.tolist())):
-        if ok and not runs[r].blocked:
-            groups.setdefault((r, COMPLETION if completion else PROMPT), []).append(i)
-    if not groups:
-        return []
-    table = scores.tolist()
-    positions = tokens.position.tolist()
+    table: list[list[float]] | None = None
+    positions: list[int] = []
     firings = []
-    for (r, phase), idx in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] == COMPLETION)):
+    start = 0
+    for r, count in enumerate(tokens.counts):  # each run's tokens are consecutive, in position order
+        lo, start = start, start + count
         run = runs[r]
-        pos = [positions[i] for i in idx]
-        for j, spec in enumerate(readout.detectors):
-            pool = run.pools.get((spec.name, phase))
-            if pool is None:
+        if run.blocked:
+            continue
+        groups: tuple[list[int], list[int]] = ([], [])  # the read tokens of the prompt / the completion
+        for i in range(lo, start):
+            if read[i]:
+                groups[completion[i]].append(i)
+        for phase, idx in zip((PROMPT, COMPLETION), groups):
+            if not idx:
                 continue
-            values = [table[i][j] for i in idx]
-            run.combined[spec.name].extend(values, pos)
-            pool.extend(values, pos)
-            if pool.check():
-                firings.append(Firing(r, readout, spec, phase, pool, pool.last_pos))
+            if table is None:
+                table, positions = scores.tolist(), tokens.position.tolist()
+            pos = [positions[i] for i in idx]
+            for j, spec in enumerate(readout.detectors):
+                pool = run.pools.get((spec.name, phase))
+                if pool is None:
+                    continue
+                values = [table[i][j] for i in idx]
+                run.combined[spec.name].extend(values, pos)
+                pool.extend(values, pos)
+                if pool.check():
+                    firings.append(Firing(r, readout, spec, phase, pool, pool.last_pos))
     return firings
+
+
+def _add_totals(totals: FeatureTotals, tokens: StepTokens, feats: Tensor, read: list[bool],
+                completion: list[bool]) -> None:
+    """Add the read tokens' features to their (run, phase) sums, in token order.
+
+    Only element-wise ops: scatter kernels (``index_add_``) enter
+    the intra-op thread pool even for one row, and on a busy machine each such entry can
+    wait milliseconds for a descheduled thread; this runs once per pass and hookpoint.
+    The sums are bit-identical to adding token by token (zeros stand for unread tokens).
+    """
+    counts = tokens.counts
+    n, m = (counts[0] if counts else 0), feats.shape[1]
+    if any(c != n for c in counts):  # runs of unequal length: one run at a time
+        start = 0
+        for r, c in enumerate(counts):
+            sub = StepTokens(tokens.run[start:start + c], tokens.position[start:start + c],
+                             tokens.completion[start:start + c], tokens.read[start:start + c],
+                             tokens.steerable[start:start + c], tokens.token_id[start:start + c], (c,))
+            one = FeatureTotals(totals.sums[2 * r:2 * r + 2], totals.counts[2 * r:2 * r + 2])
+            _add_totals(one, sub, feats[start:start + c], read[start:start + c], completion[start:start + c])
+            start += c
+        return
+    b = len(counts)
+    for phase in (0, 1):
+        member = [ok and c == phase for ok, c in zip(read, completion)]
+        if not any(member):
+            continue
+        x = feats if all(member) else torch.where(torch.tensor(member).unsqueeze(1), feats, 0.0)
+        x = x.view(b, n, m)
+        step = x[:, 0]
+        if n > 1:  # left to right, as index_add_ adds (sum() and cumsum() may reorder or widen)
+            step = step.clone()
+            for i in range(1, n):
+                step += x[:, i]
+        totals.sums.view(b, 2, m)[:, phase] += step
+        totals.counts.view(b, 2)[:, phase] += torch.tensor([sum(member[r * n:(r + 1) * n]) for r in range(b)])
 
 
 def final_firings(readouts: Sequence[Readout], runs: Sequence[RunState]) -> list[Firing]:
@@ -115,9 +150,10 @@ def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, 
              top: int = 5) -> list[FeatureEvidence]:
     """The features that carried a detector's score in a phase: largest ``weight × mean activation`` first."""
     key = (readout.hookpoint, phase)
-    if spec.kind != "sae" or key not in run.feature_sums:
+    count = int(run.feature_counts[key]) if key in run.feature_counts else 0
+    if spec.kind != "sae" or not count:
         return []
-    mean = (run.feature_sums[key] / max(1, run.feature_counts[key])).tolist()
+    mean = (run.feature_sums[key] / count).tolist()
     col = {f: i for i, f in enumerate(readout.feature_ids)}
     items = [(f.weight * mean[col[f.id]], f, mean[col[f.id]]) for f in spec.features]
     items = sorted((it for it in items if it[0] > 0), key=lambda it: -it[0])[:top]

@@ -304,7 +304,7 @@ class Monitor:
         scores = readout.scores(x, feats).cpu() if readout.detectors else None
         feats_cpu = feats.cpu()
         session.keep(readout.hookpoint, tokens, feats_cpu, x if session.top_features else None)
-        for firing in observe(readout, session.rows, tokens, feats_cpu, scores):
+        for firing in observe(readout, session.rows, tokens, feats_cpu, scores, session.totals.get(readout.hookpoint)):
             self._fire(session, firing)
         delta = None
         for steering in (self._steering.get(readout.hookpoint), session.steering.get(readout.hookpoint)):

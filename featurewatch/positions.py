@@ -21,7 +21,7 @@ content mask the renderer gave (chat markup, role names, the system prompt).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ def first_real(attention_mask: Tensor | None, batch_size: int) -> Tensor:
     return attention_mask.detach().cpu().long().argmax(dim=1)
 
 
-def excluded(token_ids: Tensor, positions: Tensor, sink: Tensor, special: Tensor,
+def excluded(token_ids: Tensor, positions: Tensor, sink: Tensor, special: Collection[int],
              attention_mask: Tensor | None = None) -> Tensor:
     """The one exclusion rule, ``(batch, n)`` bool: special tokens, padding and the attention sink.
 
@@ -44,7 +44,9 @@ def excluded(token_ids: Tensor, positions: Tensor, sink: Tensor, special: Tensor
     times the median (or are not text at all), so nothing — detection, statistics, SAE training,
     steering — reads them.
     """
-    out = torch.isin(token_ids, special.to(token_ids.device)) | (positions.unsqueeze(0) == sink.unsqueeze(1))
+    # a set lookup, not torch.isin: a few ids per decode step, and no kernel launch
+    out = torch.tensor([i in special for i in token_ids.flatten().tolist()], dtype=torch.bool).view(token_ids.shape)
+    out |= positions.unsqueeze(0) == sink.unsqueeze(1)
     if attention_mask is not None:
         out |= attention_mask == 0
     return out
@@ -53,15 +55,19 @@ def excluded(token_ids: Tensor, positions: Tensor, sink: Tensor, special: Tensor
 def excluded_positions(input_ids: Tensor, attention_mask: Tensor | None, special_ids: Sequence[int]) -> Tensor:
     """:func:`excluded` for whole sequences ``(batch, seq)`` (offline work: training, calibration)."""
     ids = input_ids.detach().cpu()
-    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
     mask = attention_mask.detach().cpu() if attention_mask is not None else None
-    out = excluded(ids, torch.arange(ids.shape[1]), first_real(mask, ids.shape[0]), special, mask)
+    out = excluded(ids, torch.arange(ids.shape[1]), first_real(mask, ids.shape[0]), frozenset(special_ids), mask)
     return out.to(input_ids.device)
 
 
 @dataclass(frozen=True)
 class StepTokens:
-    """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token."""
+    """The tokens one forward pass adds, flattened: row ``i`` of every tensor is one token.
+
+    Rows are grouped by run, runs in order, each run's tokens in position order:
+    ``counts[r]`` consecutive rows belong to run ``r``. Consumers split by ``counts``
+    (views) instead of selecting each run with a mask.
+    """
 
     run: Tensor  # (n,) long: which run (batch row / request) the token belongs to
     position: Tensor  # (n,) long: its position in that run
@@ -69,6 +75,11 @@ class StepTokens:
     read: Tensor  # (n,) bool: detectors, evidence and statistics read it
     steerable: Tensor  # (n,) bool: interventions may change it (not padding, special or the sink)
     token_id: Tensor  # (n,) long: -1 where the model was given embeddings
+    counts: tuple[int, ...] = ()  # tokens of each run, in run order (default: counted from ``run``)
+
+    def __post_init__(self) -> None:
+        if not self.counts and self.run.numel():
+            object.__setattr__(self, "counts", tuple(torch.bincount(self.run).tolist()))
 
     def __len__(self) -> int:
         return int(self.run.numel())
@@ -80,12 +91,17 @@ class PositionTracker:
     ``n_prompt[r]``: how many leading positions of row ``r`` are prompt (default: the whole
     first call). ``content[r]``: the renderer's content mask of row ``r``'s prompt positions
     (aligned with ``input_ids``, padding included); positions past it are content unless special.
+
+    It runs once per forward pass, so what does not change between passes (the run index,
+    the prompt lengths, the attention sinks' positions) is computed once, and the checks
+    that cannot apply to a pass (the sink, the content mask and the prompt boundary during
+    decode) are skipped by comparing plain integers.
     """
 
     def __init__(self, batch_size: int, special_ids: Sequence[int], *, n_prompt: Sequence[int] | None = None,
                  content: Sequence[Sequence[bool]] | None = None) -> None:
         self.batch_size = batch_size
-        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.special = frozenset(int(i) for i in special_ids)
         self.n_prompt = list(n_prompt) if n_prompt is not None else None
         self.content = None
         if content is not None:
@@ -97,37 +113,57 @@ class PositionTracker:
         self.first_real: Tensor | None = None
         self.last: StepTokens | None = None
         self.n_new = 0
+        self._last_sink = -1  # the largest attention-sink position (plain int: decode steps skip the check)
+        self._n_prompt_t: Tensor | None = None  # (batch, 1)
+        self._runs: dict[int, Tensor] = {}  # n_new -> (batch · n_new,) run index
+
+    def _set_first_real(self, first_real: Tensor) -> None:
+        self.first_real = first_real
+        self._last_sink = int(first_real.max()) if first_real.numel() else -1
 
     def step(self, input_ids: Tensor | None, attention_mask: Tensor | None, length: int) -> StepTokens:
         """Register one forward call whose inputs are ``length`` positions long; return its new tokens."""
         start = self.n_seen
         n_new = length if start == 0 or length <= start else length - start
+        end = start + n_new
         b = self.batch_size
         if input_ids is not None:
             new_ids = input_ids[:, -n_new:].detach().to("cpu", torch.long)
         else:
             new_ids = torch.full((b, n_new), -1, dtype=torch.long)
-        positions = torch.arange(start, start + n_new)
+        positions = torch.arange(start, end)
         mask = attention_mask.detach().cpu() if attention_mask is not None else None
         if self.first_real is None:
-            self.first_real = first_real(mask, b)
-        window = mask[:, start:start + n_new] if mask is not None else None
+            self._set_first_real(first_real(mask, b))
+        assert self.first_real is not None
+        window = mask[:, start:end] if mask is not None else None
         out = excluded(new_ids, positions, self.first_real, self.special, window)
         steerable = ~out
         if self.content is not None and start < self.content.shape[1]:
-            content = self.content[:, start:start + n_new]
+            content = self.content[:, start:end]
             out[:, :content.shape[1]] |= ~content
         if self.n_prompt is None:
-            self.n_prompt = [start + n_new] * b
-        n_prompt = torch.tensor(self.n_prompt).unsqueeze(1)
-        self.n_seen = start + n_new
+            self.n_prompt = [end] * b
+        if self._n_prompt_t is None:
+            self._n_prompt_t = torch.tensor(self.n_prompt).unsqueeze(1)
+        if start >= max(self.n_prompt):
+            completion = torch.ones(b * n_new, dtype=torch.bool)
+        elif end <= min(self.n_prompt):
+            completion = torch.zeros(b * n_new, dtype=torch.bool)
+        else:
+            completion = (positions.unsqueeze(0) >= self._n_prompt_t).flatten()
+        run = self._runs.get(n_new)
+        if run is None:
+            run = self._runs[n_new] = torch.arange(b).repeat_interleave(n_new)
+        self.n_seen = end
         self.n_new = n_new
         self.last = StepTokens(
-            run=torch.arange(b).repeat_interleave(n_new),
-            position=positions.repeat(b),
-            completion=(positions.unsqueeze(0) >= n_prompt).flatten(),
+            run=run,
+            position=positions.repeat(b) if b > 1 else positions,
+            completion=completion,
             read=(~out).flatten(),
             steerable=steerable.flatten(),
             token_id=new_ids.flatten(),
+            counts=(n_new,) * b,
         )
         return self.last

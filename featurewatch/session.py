@@ -61,12 +61,25 @@ class RunState:
     residuals: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, d) fp16 chunks
     pools: dict[tuple[str, str], PhasePool] = field(default_factory=dict)  # (detector, phase)
     combined: dict[str, PhasePool] = field(default_factory=dict)  # detector -> all watched phases
-    feature_sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (hookpoint, phase) -> (m,)
-    feature_counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (hookpoint, phase) -> views into the session's FeatureTotals: (m,) sums and 0-d token counts
+    feature_sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    feature_counts: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     fired: dict[str, int] = field(default_factory=dict)  # detector -> position of its first alert
     blocked: bool = False
     degraded: bool = False
+
+
+@dataclass
+class FeatureTotals:
+    """Per (run, phase) sums of one hookpoint's watched features over the tokens detectors read.
+
+    Row ``2·run + phase`` (phase 0 = prompt, 1 = completion); one tensor for the whole batch,
+    so a forward pass adds its tokens with one ``index_add_`` instead of a loop over runs.
+    """
+
+    sums: Tensor  # (2 · batch, m) float32
+    counts: Tensor  # (2 · batch,) long
 
 
 class Session:
@@ -94,6 +107,15 @@ class Session:
         self.rows = [RunState(run_id=r, started_at=now) for r in ids]
         self.positions = PositionTracker(batch_size, special_ids, n_prompt=n_prompt, content=content)
         self.readouts = list(readouts)
+        self.totals: dict[str, FeatureTotals] = {}
+        for readout in self.readouts:
+            hp, m = readout.hookpoint, len(readout.feature_ids)
+            totals = self.totals[hp] = FeatureTotals(torch.zeros(2 * batch_size, m),
+                                                     torch.zeros(2 * batch_size, dtype=torch.long))
+            for r, row in enumerate(self.rows):
+                for p, phase in enumerate((PROMPT, COMPLETION)):
+                    row.feature_sums[(hp, phase)] = totals.sums[2 * r + p]
+                    row.feature_counts[(hp, phase)] = totals.counts[2 * r + p]
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.top_features = top_features
@@ -143,21 +165,32 @@ class Session:
     def record_step(self, tokens: StepTokens) -> None:
         """Append a forward pass's new tokens to their runs."""
         self.step_seconds = 0.0
-        runs, ids = tokens.run.tolist(), tokens.token_id.tolist()
-        read, completion = tokens.read.tolist(), tokens.completion.tolist()
-        for i, r in enumerate(runs):
-            row = self.rows[r]
-            row.token_ids.append(ids[i])
-            row.read.append(read[i])
-            row.completion.append(completion[i])
+        ids, read, completion = tokens.token_id.tolist(), tokens.read.tolist(), tokens.completion.tolist()
+        start = 0
+        for row, count in zip(self.rows, tokens.counts):
+            end = start + count
+            row.token_ids.extend(ids[start:end])
+            row.read.extend(read[start:end])
+            row.completion.extend(completion[start:end])
+            start = end
 
     def keep(self, hookpoint: str, tokens: StepTokens, feats: Tensor, residuals: Tensor | None) -> None:
-        """Keep a step's watched features (CPU) and, when readings want top features, its residuals."""
+        """Keep a step's watched features (CPU) and, when readings want top features, its residuals.
+
+        Each run gets a view of the step's tensors (its rows are consecutive, see
+        :class:`~featurewatch.positions.StepTokens`); residuals are halved where they are and
+        copied to the CPU once.
+        """
+        counts = list(tokens.counts)
+        chunks = feats.split(counts) if len(counts) > 1 else (feats,)
+        kept: Sequence[Tensor] = ()
+        if residuals is not None:
+            half = residuals.detach().half().cpu()
+            kept = half.split(counts) if len(counts) > 1 else (half,)
         for r, row in enumerate(self.rows):
-            sel = tokens.run == r
-            row.watched.setdefault(hookpoint, []).append(feats[sel])
+            row.watched.setdefault(hookpoint, []).append(chunks[r])
             if residuals is not None:
-                row.residuals.setdefault(hookpoint, []).append(residuals[sel.to(residuals.device)].half().cpu())
+                row.residuals.setdefault(hookpoint, []).append(kept[r])
 
     # -- results -----------------------------------------------------------------------
     def result(self, row: int = 0) -> RunResult:
