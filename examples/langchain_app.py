@@ -50,7 +50,10 @@ def main(loaded: Any = None, *, max_new_tokens: int = 24, out: Any = sys.stdout)
     """Run the three parts; return what happened (for tests)."""
     loaded = loaded or load_model()
     pack = load_pack(DEFAULT_PACK)
-    detectors = [s.model_copy(update={"action": "block"}) if s.name == "scam-email" else s for s in pack.select(None)]
+    # scam-email blocks here, at a demo threshold: the shipped pack is tuned to stay quiet on look-alike
+    # mail, and on this 135 M model it scores even a plain phishing request below its own threshold
+    demo = {"action": "block", "threshold": 0.0, "phase_thresholds": {"prompt": 0.0, "completion": 0.0}}
+    detectors = [s.model_copy(update=demo) if s.name == "scam-email" else s for s in pack.select(None)]
     registry = CollectorRegistry()
     log = logging.getLogger(ALERT_LOGGER)
     stream = logging.StreamHandler(out)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 import yaml
+from demo_pack import write_demo_pack
 from prometheus_client import CollectorRegistry
 
 from featurewatch import GenerationBlocked, Monitor
@@ -67,10 +68,11 @@ PROMPTS = [
 
 
 @pytest.fixture
-def drive_events(metrics_sink: PrometheusMetrics, smollm: Any) -> Iterator[EventSource]:
+def drive_events(metrics_sink: PrometheusMetrics, smollm: Any, tmp_path: Path) -> Iterator[EventSource]:
     """The real monitor on the embedded model with the default pack, attached now (so every child is
     scraped at 0 first); ``run`` generates for real prompts and returns the alerts that fired."""
-    monitor = Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", sinks=[metrics_sink],
+    pack = write_demo_pack(tmp_path / "pack")  # demo thresholds: the alert chain is under test
+    monitor = Monitor(smollm.model, smollm.tokenizer, pack=pack, sinks=[metrics_sink],
                       model_name=smollm.name, fail_closed=True)
 
     def run() -> list[Alert]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from demo_pack import write_demo_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -79,8 +80,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     import httpx
 
     tmp = tmp_path_factory.mktemp("vllm-serve")
-    pack = tmp / "pack"
-    shutil.copytree(ROOT / "detectors" / PACK, pack)
+    pack = write_demo_pack(tmp / "pack")  # demo thresholds: the plumbing is under test
     spec = json.loads((pack / "scam-email.json").read_text())
     spec.update(name="scam-email-block", action="block", severity="critical")
     (pack / "scam-email-block.json").write_text(json.dumps(spec))
@@ -202,10 +202,11 @@ class TestServe:
         assert not [a for a in _alerts(server["alert_log"]) if a["run_id"] == "chatcmpl-benign-2"]
 
 
-def test_attach_scores_equal_transformers_monitor(model_dir: Path) -> None:
+def test_attach_scores_equal_transformers_monitor(model_dir: Path, tmp_path: Path) -> None:
     """Per-request scores inside vLLM = the transformers monitor's, batched at different stages (float32)."""
+    pack = write_demo_pack(tmp_path / "pack")  # demo thresholds, so that alerts are compared too
     out = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm" / "equivalence.py"), str(model_dir)],
-                         env=_env(), capture_output=True, text=True, timeout=900)
+                         env=_env(FEATUREWATCH_TEST_PACK=str(pack)), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}), file=sys.stderr)
