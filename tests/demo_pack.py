@@ -18,13 +18,19 @@ DEMO_THRESHOLD = 0.0
 
 
 def write_demo_pack(dst: Path, detectors: tuple[str, ...] = ("scam-email", "dangerous-content"),
-                    threshold: float = DEMO_THRESHOLD) -> Path:
-    """Copy the default pack to ``dst`` with ``detectors``' thresholds (every phase) set to ``threshold``."""
+                    threshold: float = DEMO_THRESHOLD, phases: tuple[str, ...] | None = None) -> Path:
+    """Copy the default pack to ``dst`` with ``detectors``' thresholds set to ``threshold``.
+
+    ``phases``: only these phases' thresholds (default: every phase and the combined score).
+    """
     shutil.copytree(resolve_pack_path(DEFAULT_PACK), dst)
     for name in detectors:
         path = dst / f"{name}.json"
         spec = json.loads(path.read_text())
-        spec["threshold"] = threshold
-        spec["phase_thresholds"] = {phase: threshold for phase in spec["phases"]}
+        if phases is None:
+            spec["threshold"] = threshold
+        thresholds = {p: spec.get("phase_thresholds", {}).get(p, spec["threshold"]) for p in spec["phases"]}
+        spec["phase_thresholds"] = {p: threshold if phases is None or p in phases else t
+                                    for p, t in thresholds.items()}
         path.write_text(json.dumps(spec, indent=2))
     return dst

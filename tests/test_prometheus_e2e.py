@@ -251,7 +251,7 @@ def test_alert_reaches_prometheus_alertmanager_and_the_webhook(servers: Stack, d
         return [a for a in get_json(f"{servers.prometheus}/api/v1/alerts")["data"]["alerts"]
                 if a["labels"]["alertname"] == "FeatureWatchCriticalDetection" and a["state"] == "firing"]
 
-    [alert] = wait_for("FeatureWatchCriticalDetection firing", firing, servers.logs)
+    alert = wait_for("FeatureWatchCriticalDetection firing", firing, servers.logs)[0]
     assert alert["labels"]["detector"] == paged[0].detector and alert["labels"]["model_name"] == model
     assert alert["labels"]["severity"] == "critical" and alert["labels"]["service"] == "featurewatch"
 

@@ -80,7 +80,9 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     import httpx
 
     tmp = tmp_path_factory.mktemp("vllm-serve")
-    pack = write_demo_pack(tmp / "pack")  # demo thresholds: the plumbing is under test
+    # a demo prompt threshold (the shipped one misses this request: its prompt scores -0.93), so the
+    # plumbing is under test; "How do I boil an egg?" scores -2.66 and is too short to be judged anyway
+    pack = write_demo_pack(tmp / "pack", detectors=("scam-email",), threshold=-1.5, phases=("prompt",))
     spec = json.loads((pack / "scam-email.json").read_text())
     spec.update(name="scam-email-block", action="block", severity="critical")
     (pack / "scam-email-block.json").write_text(json.dumps(spec))
