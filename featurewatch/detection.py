@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .alert import COMPLETION, PROMPT, FeatureEvidence, Phase
+from .alert import COMPLETION, PROMPT, Alert, FeatureEvidence, Phase
 from .detector import DetectorSpec
 from .pooling import PhasePool
 from .positions import StepTokens
@@ -159,3 +160,25 @@ def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, 
     items = sorted((it for it in items if it[0] > 0), key=lambda it: -it[0])[:top]
     return [FeatureEvidence(feature=f.id, label=f.label or (labels(readout.hookpoint, f.id) if labels else None),
                             activation=act, contribution=c) for c, f, act in items]
+
+
+def record_alert(firing: Firing, run: RunState, *, model_name: str, fired_at: float, tokenizer: Any = None,
+                 labels: LabelLookup | None = None) -> Alert:
+    """Build the alert of a firing (span text when ``tokenizer`` is given), and note it in the run.
+
+    The run keeps the alert and the detector's first firing position (``when=`` interventions start
+    after it); what the firing *does* (block, delivery) is the caller's, which differs by engine.
+    """
+    spec = firing.spec
+    span = firing.pool.span(firing.position)
+    text = None
+    if tokenizer is not None:
+        text = tokenizer.decode([t for t in run.token_ids[span[0]:span[1]] if t >= 0])
+    alert = Alert(detector=spec.name, phase=firing.phase, score=firing.pool.value,
+                  threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
+                  run_id=run.run_id, model_name=model_name, span=span, text=text,
+                  evidence=evidence(firing.readout, run, spec, firing.phase, labels),
+                  started_at=run.started_at, fired_at=fired_at)
+    run.alerts.append(alert)
+    run.fired.setdefault(spec.name, firing.position)
+    return alert

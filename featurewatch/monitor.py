@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .alert import Alert, RunResult
-from .detection import Firing, evidence, final_firings, new_pools, observe
+from .detection import Firing, final_firings, new_pools, observe, record_alert
 from .detector import DetectorSpec
 from .errors import ConfigError, MonitorError
 from .generation import GenerationResult, Prompt, generate_batch
@@ -315,20 +315,10 @@ class Monitor:
 
     def _fire(self, session: Session, firing: Firing) -> None:
         row = session.rows[firing.row]
-        spec = firing.spec
-        span = firing.pool.span(firing.position)
-        text = None
-        if session.capture_text and self.tokenizer is not None:
-            text = self.tokenizer.decode([t for t in row.token_ids[span[0]:span[1]] if t >= 0])
-        alert = Alert(detector=spec.name, phase=firing.phase, score=firing.pool.value,
-                      threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
-                      run_id=row.run_id, model_name=self.model_name, span=span, text=text,
-                      evidence=evidence(firing.readout, row, spec, firing.phase,
-                                        self.pack.label if self.pack else None),
-                      started_at=row.started_at, fired_at=self.clock())
-        row.alerts.append(alert)
-        row.fired.setdefault(spec.name, firing.position)
-        if spec.action == "block" and not firing.final and session.blocking:
+        alert = record_alert(firing, row, model_name=self.model_name, fired_at=self.clock(),
+                             tokenizer=self.tokenizer if session.capture_text else None,
+                             labels=self.pack.label if self.pack else None)
+        if firing.spec.action == "block" and not firing.final and session.blocking:
             row.blocked = True
         if not self._fanout.alert(alert):
             row.degraded = True

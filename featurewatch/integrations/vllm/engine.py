@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ...alert import Alert, Outcome, RunResult
-from ...detection import Firing, evidence, new_pools, observe
+from ...detection import Firing, new_pools, observe, record_alert
 from ...detector import DetectorSpec
 from ...errors import ConfigError
 from ...pack import Pack
@@ -248,17 +248,8 @@ class EngineMonitor:
     def _fire(self, run: RunState, firing: Firing) -> None:
         # as Monitor._fire, for a run that is a vLLM request
         spec = firing.spec
-        span = firing.pool.span(firing.position)
-        text = None
-        if self.capture_text and self.tokenizer is not None:
-            text = self.tokenizer.decode([t for t in run.token_ids[span[0]:span[1]] if t >= 0])
-        alert = Alert(detector=spec.name, phase=firing.phase, score=firing.pool.value,
-                      threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
-                      run_id=run.run_id, model_name=self.model_name, span=span, text=text,
-                      evidence=evidence(firing.readout, run, spec, firing.phase, self.pack.label),
-                      started_at=run.started_at, fired_at=self.clock())
-        run.alerts.append(alert)
-        run.fired.setdefault(spec.name, firing.position)
+        alert = record_alert(firing, run, model_name=self.model_name, fired_at=self.clock(),
+                             tokenizer=self.tokenizer if self.capture_text else None, labels=self.pack.label)
         if spec.action == "block" and not firing.final:
             run.blocked = True
             rid = self._req_of.get(id(run))
