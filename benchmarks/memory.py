@@ -69,10 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         results = [monitor.generate(PROMPTS[i % len(PROMPTS)], top_features=top, **kw) for i in range(args.keep)]
         gc.collect()
         after = tracemalloc.take_snapshot()
-        held = sum(s.size_diff for s in after.compare_to(before, "filename"))
+        held = sum(s.size_diff for s in after.compare_to(before, "filename"))  # Python objects only
         tokens = sum(r.run.n_tokens for r in results)
-        kept[f"top_features={top}"] = {"bytes_per_run": round(held / len(results)),
-                                       "bytes_per_token": round(held / tokens, 1),
+        storages = {}  # tensor storage (not seen by tracemalloc), each shared storage once
+        for r in results:
+            for row in r.session.rows:
+                for chunks in (*row.watched.values(), *row.residuals.values()):
+                    for t in chunks:
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            for totals in r.session.totals.values():
+                for t in (totals.sums, totals.counts):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        tensor_bytes = sum(storages.values())
+        kept[f"top_features={top}"] = {"python_bytes_per_run": round(held / len(results)),
+                                       "tensor_bytes_per_run": round(tensor_bytes / len(results)),
+                                       "bytes_per_token": round((held + tensor_bytes) / tokens, 1),
+                                       "tensor_bytes_per_token": round(tensor_bytes / tokens, 1),
                                        "tokens_per_run": round(tokens / len(results), 1)}
         del results
     tracemalloc.stop()

@@ -403,7 +403,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                    "tokens_per_cpu_s": round(tokens[job][tool] / statistics.median(cs), 2),
                    "seconds_median": round(statistics.median(ts), 3),
                    "peak_rss_mb": memory[tool].get("peak_rss_mb"),
-                   "rss_model_mb": memory[tool].get("rss_model_mb")}
+                   "rss_model_mb": memory[tool].get("rss_model_mb"),
+                   # what the tool holds beyond the loaded model once its jobs ran (the peak is the
+                   # model load's for most tools: dequantising the GGUF file)
+                   "rss_over_model_mb": round(memory[tool].get("rss_mb", 0) - memory[tool].get("rss_model_mb", 0), 1)}
             if lim:
                 # per round: the limit's time over this tool's (speed as a fraction of the limit)
                 row["speed_vs_limit"] = round(statistics.median(a / b for a, b in zip(lim, ts)), 4)
