@@ -132,8 +132,8 @@ def _run_one(args: argparse.Namespace, monitor: Any, prompt: Any, hp: str, color
         return
     print()
     _print_features(monitor, readings, hp, color)
-    thresholds = {d.name: d.threshold for d in monitor.detectors}
-    scores = "  ".join(f"{k} {v:+.2f}" + ("" if v < thresholds[k] else " ⚠") for k, v in sorted(result.scores.items()))
+    alerted = {a.detector for a in result.alerts}  # ⚠ = alerted in a phase (each phase has its own threshold)
+    scores = "  ".join(f"{k} {v:+.2f}" + (" ⚠" if k in alerted else "") for k, v in sorted(result.scores.items()))
     print(paint("  scores: ", "2", color) + (scores or "—"), flush=True)
 
 
