@@ -75,6 +75,23 @@ def _fold(coef: np.ndarray, intercept: float, mu: np.ndarray, sd: np.ndarray) ->
     return w, float(intercept - (coef * mu / sd).sum())
 
 
+def l1_path(Z: np.ndarray, y: np.ndarray, w: np.ndarray | None, *, max_features: int, Cs: np.ndarray,
+            max_iter: int = 2000, seed: int = 0) -> np.ndarray | None:
+    """Columns of ``Z`` kept by the weakest L1 penalty in ``Cs`` (strongest C first) that keeps ≤ ``max_features``.
+
+    None when no C in ``Cs`` keeps between 1 and ``max_features`` columns.
+    """
+    linear_model, _ = _sklearn()
+    for c in Cs:
+        l1 = linear_model.LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=max_iter,
+                                             random_state=seed)
+        l1.fit(Z, y, sample_weight=w)
+        nz = np.flatnonzero(l1.coef_[0])
+        if 0 < len(nz) <= max_features:
+            return nz
+    return None
+
+
 def fit_detector(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, *, kind: Literal["sae", "probe"],
                  max_features: int = 64, candidates: int | None = None, target_fpr: float = 0.01, C: float = 1.0,
                  seed: int = 0) -> Fit:
@@ -89,15 +106,7 @@ def fit_detector(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, *, k
         cand = np.argsort(-strength)[:candidates]  # None: every feature that fires
         cand = cand[strength[cand] > 0]
         Z, mu, sd = _standardize(X[:, cand])
-        chosen: np.ndarray | None = None
-        for c in np.logspace(1, -3, 25):  # the weakest L1 penalty that keeps ≤ max_features
-            l1 = linear_model.LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=2000,
-                                                 random_state=seed)
-            l1.fit(Z, y, sample_weight=w)
-            nz = np.flatnonzero(l1.coef_[0])
-            if 0 < len(nz) <= max_features:
-                chosen = nz
-                break
+        chosen = l1_path(Z, y, w, max_features=max_features, Cs=np.logspace(1, -3, 25), max_iter=2000, seed=seed)
         if chosen is None:
             chosen = np.argsort(-strength[cand])[:max_features]
         features = [int(f) for f in cand[chosen]]

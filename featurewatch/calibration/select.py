@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .fit import _fold, _sklearn, _standardize, feature_aurocs
+from .fit import _fold, _sklearn, _standardize, feature_aurocs, l1_path
 
 _MARK = re.compile(r"«(.*?)»")
 _MARKUP = {"<|im_start|>", "<|im_end|>", "assistant", "user", "system", "⏎"}
@@ -125,15 +125,7 @@ def fit_readout(X: np.ndarray, y: np.ndarray, w: np.ndarray, candidates: np.ndar
     au = feature_aurocs(X[:, candidates], y)
     pool = candidates[np.argsort(-np.abs(au - 0.5))[:400]]
     Z, _, _ = _standardize(X[:, pool])
-    chosen = None
-    for c in np.logspace(0, -3, 30):  # the weakest L1 penalty that keeps ≤ max_features
-        l1 = linear_model.LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=3000,
-                                             random_state=seed)
-        l1.fit(Z, y, sample_weight=w)
-        nz = np.flatnonzero(l1.coef_[0])
-        if 0 < len(nz) <= max_features:
-            chosen = nz
-            break
+    chosen = l1_path(Z, y, w, max_features=max_features, Cs=np.logspace(0, -3, 30), max_iter=3000, seed=seed)
     if chosen is None:
         chosen = np.argsort(-np.abs(au[np.isin(candidates, pool)] - 0.5))[:max_features]
     features = [int(f) for f in pool[chosen]]
