@@ -219,7 +219,8 @@ class Session:
         top_vals = top_ids = None
         residuals = run.residuals.get(readout.hookpoint)
         if residuals and readout.sae is not None:
-            acts = readout.sae.encode(torch.cat(residuals).float())
+            with torch.inference_mode():
+                acts = readout.sae.encode(torch.cat(residuals).float())
             top_vals, top_ids = acts.topk(min(self.top_features, readout.sae.d_sae), dim=-1)
         out = []
         for pos, tid in enumerate(run.token_ids[: watched.shape[0]]):
