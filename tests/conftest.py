@@ -13,6 +13,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from featurewatch.alert import Alert, RunResult
+from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.sae import SparseAutoencoder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,6 +38,20 @@ def build_sae(d_in: int = 4, d_sae: int = 6, *, architecture: str = "standard", 
         kwargs.setdefault("k", 2)
     return SparseAutoencoder(parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
                              architecture=architecture, **kwargs)
+
+
+def sae16() -> SparseAutoencoder:
+    """The tiny Llama's SAE in the monitor tests: 16 → 12, standard, every feature biased on."""
+    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
+
+
+def tiny_spec(**kw: Any) -> DetectorSpec:
+    """A never-firing SAE detector at layers.1 of the tiny Llama (features 3 and 5); override any field."""
+    base: dict[str, Any] = dict(name="demo", description="test", hookpoint="layers.1",
+                                features=[FeatureWeight(id=3, weight=1.0), FeatureWeight(id=5, weight=0.5)],
+                                threshold=1e6, pooling={"method": "mean", "min_tokens": 1})
+    base.update(kw)
+    return DetectorSpec(**base)
 
 
 class TinyTokenizer:

@@ -8,26 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae
+from conftest import sae16, tiny_spec
 from featurewatch.alert import RunResult
-from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.errors import ConfigError, MonitorError
 from featurewatch.monitor import Monitor
 from featurewatch.sinks import BaseSink
 
 HP = "layers.1"
-
-
-def sae16() -> Any:
-    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
-
-
-def spec(**kw: Any) -> DetectorSpec:
-    base = dict(name="demo", description="test", hookpoint=HP,
-                features=[FeatureWeight(id=3, weight=1.0), FeatureWeight(id=5, weight=0.5)],
-                threshold=1e6, pooling={"method": "mean", "min_tokens": 1})
-    base.update(kw)
-    return DetectorSpec(**base)
 
 
 def hook_count(model: Any) -> int:
@@ -70,7 +57,7 @@ def test_generation_pads_per_call_and_never_touches_the_tokenizer(tiny_llama: An
 
 
 def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()], fail_closed=True) as m:
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()], fail_closed=True) as m:
         ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
         with m.session(top_features=3) as s:
             out = tiny_llama(input_ids=ids)  # grad mode on, as in a user's own code
@@ -81,7 +68,7 @@ def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny
 
 
 def test_detaching_mid_generation_marks_the_run_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()])
+    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()])
 
     class DetachAfterTwoSteps(BaseSink):
         steps = 0
@@ -140,15 +127,15 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(tiny_llama: Any, tiny
 
 
 def test_per_phase_thresholds_fire_each_phase_at_its_own(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    both = spec(threshold=1e6, phase_thresholds={"prompt": 1e6, "completion": -1e6},
-                phases=["prompt", "completion"])
+    both = tiny_spec(threshold=1e6, phase_thresholds={"prompt": 1e6, "completion": -1e6},
+                     phases=["prompt", "completion"])
     with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[both], fail_closed=True) as m:
         result = m.generate("abcdef", max_new_tokens=4, min_new_tokens=4)
     assert [(a.phase, a.threshold) for a in result.alerts] == [("completion", -1e6)]
 
 
 def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    low = spec(threshold=-1e6, phases=["completion"], pooling={"method": "mean", "min_tokens": 5})
+    low = tiny_spec(threshold=-1e6, phases=["completion"], pooling={"method": "mean", "min_tokens": 5})
     with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[low], fail_closed=True) as m:
         short = m.generate("abc", max_new_tokens=3, min_new_tokens=3)  # 2 completion tokens are read
         long = m.generate("abc", max_new_tokens=8, min_new_tokens=8)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae
+from conftest import sae16
 from featurewatch.errors import ConfigError
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
@@ -16,10 +16,6 @@ from featurewatch.positions import StepTokens
 from featurewatch.session import RunState
 
 HP = "layers.1"
-
-
-def sae16() -> Any:
-    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
 
 
 def steps(n: int = 4, runs: list[int] | None = None, completion: bool = False) -> StepTokens:

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae
+from conftest import build_sae, sae16, tiny_spec
 from featurewatch.alert import Alert
-from featurewatch.detector import DetectorSpec, FeatureWeight
+from featurewatch.detector import DetectorSpec
 from featurewatch.errors import (
     ConfigError,
     FeatureOutOfRange,
@@ -29,16 +29,8 @@ HP = "layers.1"
 WATCH = [0, 3, 5, 9]
 
 
-def sae16() -> Any:
-    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
-
-
 def spec(**kw: Any) -> DetectorSpec:
-    base = dict(name="probe-like", description="test", hookpoint=HP,
-                features=[FeatureWeight(id=3, weight=1.0), FeatureWeight(id=5, weight=0.5)],
-                threshold=1e6, pooling={"method": "mean", "min_tokens": 1})
-    base.update(kw)
-    return DetectorSpec(**base)
+    return tiny_spec(**{"name": "probe-like", **kw})
 
 
 @pytest.fixture()

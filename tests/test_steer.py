@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae
+from conftest import sae16
 from featurewatch.errors import ConfigError
 from featurewatch.intervention import Intervention
 from featurewatch.monitor import Monitor
@@ -17,10 +17,6 @@ from featurewatch.steering_sweep import SweepResult, default_corpus, plot, sweep
 
 HP = "layers.1"
 CORPUS = [parse_record({"id": f"c{i}", "text": t}, line=i) for i, t in enumerate(["hello world", "abc def ghi"])]
-
-
-def sae16() -> Any:
-    return build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
 
 
 @pytest.fixture()
