@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,30 +90,39 @@ class Bench:
         return m, timed_hooks(m)
 
     def pairs(self, plain: Callable[[], Any], monitored: Callable[[], Any], monitor: Monitor,
-              hooks: HookTimes) -> dict[str, float]:
+              hooks: HookTimes) -> dict[str, Any]:
         """Interleave plain and monitored calls; medians over pairs, the first pair dropped.
 
-        Wall and process CPU time are both taken: on a shared machine the CPU-time ratio is
-        the steadier estimate of what monitoring costs.
+        The order alternates (plain first, then monitored first) so that a slow drift of the
+        machine's speed does not favour either side. Wall and process CPU time are both taken;
+        ``overhead_iqr`` gives the quartiles of the per-pair wall ratios (the resolution).
         """
         ratios, cpu_ratios, shares, plain_s = [], [], [], []
+
+        def timed(monitor_on: bool) -> tuple[float, float]:
+            if monitor_on:
+                monitor.attach()
+                hooks.clear()
+            else:
+                monitor.detach()
+            t, c = time.perf_counter(), time.process_time()
+            (monitored if monitor_on else plain)()
+            return time.perf_counter() - t, time.process_time() - c
+
         for rep in range(self.args.reps + 1):
-            monitor.detach()
-            t, c = time.perf_counter(), time.process_time()
-            plain()
-            p, pc = time.perf_counter() - t, time.process_time() - c
-            monitor.attach()
-            hooks.clear()
-            t, c = time.perf_counter(), time.process_time()
-            monitored()
-            m, mc = time.perf_counter() - t, time.process_time() - c
+            if rep % 2:
+                (m, mc), (p, pc) = timed(True), timed(False)
+            else:
+                (p, pc), (m, mc) = timed(False), timed(True)
             if rep:
                 ratios.append(m / p)
                 cpu_ratios.append(mc / pc)
                 shares.append(sum(hooks.cpu) / mc)
                 plain_s.append(p)
         monitor.detach()
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
         return {"overhead": round(statistics.median(ratios) - 1, 4),
+                "overhead_iqr": [round(q[0] - 1, 4), round(q[2] - 1, 4)],
                 "overhead_cpu": round(statistics.median(cpu_ratios) - 1, 4),
                 "hook_share": round(statistics.median(shares), 4), "plain_s": round(statistics.median(plain_s), 3)}
 
@@ -157,31 +168,35 @@ class Bench:
         return self.pairs(plain, monitored, monitor, hooks)
 
 
-def run_sweep(bench: Bench, name: str) -> list[dict[str, Any]]:
+def run_sweep(bench: Bench, name: str) -> Iterator[dict[str, Any]]:
+    """The points of one sweep, each as it is measured."""
     a = bench.args
-    rows = []
     if name == "width":
         for width in a.widths:
             m, hooks = bench.monitor(width=width, n_detectors=4)
-            rows.append({"width": width, **bench.generation(m, hooks, 1, top_features=5)})
+            yield {"width": width, **bench.generation(m, hooks, 1, top_features=5)}
     elif name == "watched":
         for watched in a.watched:
             m, hooks = bench.monitor(width=a.widths[0], n_detectors=1, watched=min(watched, a.widths[0]),
                                      per_detector=min(10, watched))
-            rows.append({"watched": len(m.readouts[0].feature_ids), **bench.generation(m, hooks, 1)})
+            yield {"watched": len(m.readouts[0].feature_ids), **bench.generation(m, hooks, 1)}
     elif name == "detectors":
         for n in a.detectors:
             m, hooks = bench.monitor(width=a.widths[0], n_detectors=n)
-            rows.append({"detectors": n, "watched": len(m.readouts[0].feature_ids), **bench.generation(m, hooks, 1)})
+            yield {"detectors": n, "watched": len(m.readouts[0].feature_ids), **bench.generation(m, hooks, 1)}
     elif name == "batch":
         for b in a.batches:
             m, hooks = bench.monitor(width=a.widths[0], n_detectors=4)
-            rows.append({"batch": b, **bench.generation(m, hooks, b)})
+            yield {"batch": b, **bench.generation(m, hooks, b)}
     elif name == "length":
         for length in a.lengths:
             m, hooks = bench.monitor(width=a.widths[0], n_detectors=4)
-            rows.append({"prompt_tokens": length, "batch": a.batch, **bench.prefill(m, hooks, length)})
-    return rows
+            yield {"prompt_tokens": length, "batch": a.batch, **bench.prefill(m, hooks, length)}
+
+
+def _progress(sweep: str, row: dict[str, Any]) -> None:
+    """One line on stderr per point as it completes (a full run takes a quarter of an hour)."""
+    print(f"{sweep}: " + "  ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
 
 
 def plot(results: dict[str, list[dict[str, Any]]], directory: Path) -> list[str]:
@@ -205,7 +220,10 @@ def plot(results: dict[str, list[dict[str, Any]]], directory: Path) -> list[str]
             continue
         x = [r[keys[sweep]] for r in rows]
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        ax.plot(x, [100 * r["overhead"] for r in rows], "o-", label="overhead (monitored / plain − 1)")
+        y = [100 * r["overhead"] for r in rows]
+        err = [[y_ - 100 * r["overhead_iqr"][0] for y_, r in zip(y, rows)],
+               [100 * r["overhead_iqr"][1] - y_ for y_, r in zip(y, rows)]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label="overhead (monitored / plain − 1), quartiles")
         ax.plot(x, [100 * r["overhead_cpu"] for r in rows], "^-", label="overhead, CPU time")
         ax.plot(x, [100 * r["hook_share"] for r in rows], "s--", label="hooks' share of the monitored CPU time")
         ax.axhline(2, color="grey", lw=0.8, ls=":")
@@ -239,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="batch of the prompt-length sweep")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5, help="timed pairs per point (one more warms up)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on 2 shared cores a second thread adds noise, not speed)")
     ap.add_argument("--plots", type=Path, default=None, help="write scaling_<sweep>.png here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -246,15 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown sweep(s) {', '.join(bad)}; valid: {', '.join(SWEEPS)}")
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     bench = Bench(args)
-    results = {s: run_sweep(bench, s) for s in args.sweeps.split(",")}
+    results: dict[str, list[dict[str, Any]]] = {}
+    for sweep in args.sweeps.split(","):
+        results[sweep] = []
+        for row in run_sweep(bench, sweep):
+            _progress(sweep, row)
+            results[sweep].append(row)
     out: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                            "hookpoint": bench.hookpoint, "torch_threads": torch.get_num_threads(),
                            "sweeps": results}
     if args.plots is not None:
         out["plots"] = plot(results, args.plots)
-    import os
-
     out["load_average"] = os.getloadavg()
     if args.json:
         print(json.dumps(out))

@@ -35,9 +35,12 @@ def test_peers_runs_every_installed_tool_and_says_why_the_others_cannot(tiny: li
               "--reps", "1")
     for job in ("offline", "live"):
         rows = out["jobs"][job]
-        assert {"limit", "hand-hook", "featurewatch", "featurewatch+readings"} <= set(rows)
-        assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
-    for tool in ("nnsight", "transformer-lens"):
+        assert {"limit", "limit-copy", "hand-hook", "featurewatch", "featurewatch+readings"} <= set(rows)
+        assert rows["limit"]["speed_vs_limit"] == 1.0
+        assert all(r["tokens_per_s"] > 0 and len(r["speed_vs_limit_iqr"]) == 2 for r in rows.values())
+        # memory comes from a process per tool (the control row limit-copy has none of its own)
+        assert all(r["peak_rss_mb"] > 0 for name, r in rows.items() if name != "limit-copy")
+    for tool in ("nnsight", "transformer-lens", "saelens"):
         assert tool in out["jobs"]["live"] or out["failed"][tool]  # measured, or the reason it could not run
 
 
