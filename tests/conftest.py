@@ -222,11 +222,13 @@ def make_pack(root: Any, *, d_in: int = 576, d_sae: int = 64, hookpoint: str = "
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory: Any, smollm: Any) -> Any:
+def tiny_lm_dir(tmp_path_factory: Any) -> Any:
     """A 2-layer, width-16 Llama saved with the embedded model's real tokenizer (chat template included)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = smollm.tokenizer
+    from featurewatch.models import load_tokenizer
+
+    tok = load_tokenizer()  # only the tokenizer: no need to load the embedded model's weights
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-import torch
 
 from conftest import sae16
 from featurewatch.errors import ConfigError
@@ -79,23 +78,9 @@ def test_plot_writes_a_png(monitor: Monitor, tmp_path: Any) -> None:
 
 # --------------------------------------------------------------------------- the command line on a tiny model
 @pytest.fixture(scope="module")
-def tiny_cli(tmp_path_factory: Any) -> list[str]:
-    """``--model DIR --pack DIR`` for a 2-layer Llama saved with the embedded tokenizer (no big model load)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import make_pack
-    from featurewatch.models import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    root = tmp_path_factory.mktemp("steer-lm")
-    LlamaForCausalLM(cfg).eval().save_pretrained(root)
-    tok.save_pretrained(root)
-    pack = make_pack(tmp_path_factory.mktemp("steer-pack") / "pack", d_in=16, d_sae=8, hookpoint="layers.1")
-    return ["--model", str(root), "--pack", str(pack)]
+def tiny_cli(tiny_lm_dir: Any, tiny_lm_pack: Any) -> list[str]:
+    """``--model DIR --pack DIR``: the 2-layer Llama with the embedded tokenizer (no big model load)."""
+    return ["--model", str(tiny_lm_dir), "--pack", str(tiny_lm_pack)]
 
 
 def cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
