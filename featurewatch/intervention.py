@@ -119,6 +119,22 @@ class Steering:
         return (torch.where(active, new, a) - a) @ self.W_dec
 
 
+def sae_hookpoint(iv: Intervention, sae_hookpoints: Sequence[str],
+                  canonical: Callable[[str], str] = lambda hp: hp) -> str:
+    """The SAE hookpoint an intervention acts at: the one it names (made ``canonical``), or the only one."""
+    if iv.hookpoint is None:
+        if len(sae_hookpoints) != 1:
+            raise ConfigError(f"intervention on feature {iv.feature} names no hookpoint and the monitor has "
+                              f"{len(sae_hookpoints)} SAE hookpoints ({', '.join(sae_hookpoints) or 'none'}): "
+                              "set hookpoint=")
+        return sae_hookpoints[0]
+    hp = canonical(iv.hookpoint)
+    if hp not in sae_hookpoints:
+        raise ConfigError(f"intervention at {iv.hookpoint!r}: there is no SAE there; "
+                          f"SAE hookpoints: {', '.join(sae_hookpoints) or 'none'}")
+    return hp
+
+
 def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, SparseAutoencoder], *,
                      max_activation: Callable[[str, int], float | None] | None = None) -> dict[str, Steering]:
     """Group interventions by hookpoint and compile each group (values in absolute units).
@@ -129,17 +145,7 @@ def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, S
     """
     by_hp: dict[str, list[Intervention]] = {}
     for iv in interventions:
-        if iv.hookpoint is None:
-            if len(saes) != 1:
-                raise ConfigError(f"intervention on feature {iv.feature} names no hookpoint and the monitor has "
-                                  f"{len(saes)} SAE hookpoints ({', '.join(saes) or 'none'}): set hookpoint=")
-            hp = next(iter(saes))
-        else:
-            hp = iv.hookpoint
-        if hp not in saes:
-            raise ConfigError(f"intervention at {iv.hookpoint or hp!r}: there is no SAE there; "
-                              f"SAE hookpoints: {', '.join(saes) or 'none'}")
-        by_hp.setdefault(hp, []).append(iv)
+        by_hp.setdefault(sae_hookpoint(iv, list(saes)), []).append(iv)
     out = {}
     for hp, ivs in by_hp.items():
         sae = saes[hp]

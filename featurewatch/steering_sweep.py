@@ -38,7 +38,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .generation import render_prompt
 from .hooks import hooked, unwrap
-from .intervention import Intervention
+from .intervention import Intervention, sae_hookpoint
 from .models import resolve_hookpoint
 from .records import Record, Rendered, iter_records, parse_record, render
 
@@ -295,19 +295,10 @@ def _valid_length(token_ids: Sequence[int], eos: set[int]) -> int:
 
 def _targets(monitor: Monitor, interventions: Sequence[Intervention]) -> list[tuple[str, int]]:
     """The distinct ``(hookpoint, feature)`` pairs the interventions touch, hookpoints canonical."""
-    saes = {r.hookpoint: r for r in monitor.readouts if r.sae is not None}
+    saes = [r.hookpoint for r in monitor.readouts if r.sae is not None]
     out: list[tuple[str, int]] = []
     for iv in interventions:
-        if iv.hookpoint is None:
-            if len(saes) != 1:
-                raise ConfigError(f"intervention on feature {iv.feature} names no hookpoint and the monitor has "
-                                  f"{len(saes)} SAE hookpoints ({', '.join(saes) or 'none'}): name one")
-            hp = next(iter(saes))
-        else:
-            hp = resolve_hookpoint(monitor.model, iv.hookpoint)[0]
-        if hp not in saes:
-            raise ConfigError(f"intervention at {hp}: there is no SAE there; SAE hookpoints: "
-                              f"{', '.join(saes) or 'none'}")
+        hp = sae_hookpoint(iv, saes, lambda name: resolve_hookpoint(monitor.model, name)[0])
         if (hp, iv.feature) not in out:
             out.append((hp, iv.feature))
     return out

@@ -132,3 +132,12 @@ def test_parse_the_cli_form() -> None:
     for bad in ("812", "812:boost:2", "x:y", "812:clamp"):
         with pytest.raises(ConfigError, match="FEATURE:MODE"  if bad != "812:clamp" else "finite value"):
             Intervention.parse(bad)
+
+
+def test_an_intervention_must_name_its_hookpoint_when_there_are_several_saes() -> None:
+    two = {"layers.0": sae16(), HP: sae16()}
+    with pytest.raises(ConfigError, match="names no hookpoint and the monitor has 2 SAE hookpoints"):
+        compile_steering([Intervention(feature=3, mode="ablate")], two)
+    with pytest.raises(ConfigError, match="'layers.7': there is no SAE there"):
+        compile_steering([Intervention(feature=3, mode="ablate", hookpoint="layers.7")], two)
+    assert set(compile_steering([Intervention(feature=3, mode="ablate", hookpoint=HP)], two)) == {HP}
