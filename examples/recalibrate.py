@@ -214,6 +214,7 @@ def main() -> int:
         run(
             OUT,
             ROOT / "detectors" / "smollm2-135m-instruct",
+            SETS,
             fit="fit" in steps,
             report="report" in steps,
             allow_missing=args.allow_missing,

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +90,10 @@ DETECTORS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_rows(out: Path, sae: SparseAutoencoder, *, allow_missing: bool = False) -> PhaseRows:
-    """Pooled rows of every set from the activation cache (``extract`` must have run)."""
+def load_rows(out: Path, sae: SparseAutoencoder, sets: Sequence[str], *, allow_missing: bool = False) -> PhaseRows:
+    """Pooled rows of the named sets from the activation cache (``extract`` must have run)."""
     parts = []
-    for name in (
-        "neutral",
-        "danger_prompt",
-        "danger_alpaca",
-        "mail",
-        "danger_hw",
-        "danger_reply",
-        "chats",
-        "deception",
-        "sycophancy",
-    ):
+    for name in sets:
         data = load_labelled(out / f"{name}.jsonl")
         try:
             acts = cached_acts(
@@ -360,6 +351,7 @@ def apply_labels(pack: Path) -> dict[int, dict[str, Any]]:
 def run(
     out: Path,
     pack: Path,
+    sets: Sequence[str],
     *,
     fit: bool = True,
     report: bool = True,
@@ -368,7 +360,7 @@ def run(
 ) -> None:
     sae = SparseAutoencoder.load(pack / "sae" / HOOK)
     features_info = apply_labels(pack)
-    rows = load_rows(out, sae, allow_missing=allow_missing)
+    rows = load_rows(out, sae, sets, allow_missing=allow_missing)
     held = np.array([is_held_out(b, 0.2) for b in rows.base_ids])
     results: dict[str, Any] = {}
     for name, cfg in DETECTORS.items():
