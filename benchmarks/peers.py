@@ -107,6 +107,8 @@ class Job:
                                                 add_generation_prompt=True)
             self.prompts.append(self.tok([text], return_tensors="pt", add_special_tokens=False))
         self.round = 0  # the driver sets it: every tool gets the same prompt in a round
+        self.monitor: Any = None  # featurewatch's, shared by its two rows (one monitor per model)
+        self.monitor_hooks: Any = None
 
     def next_prompt(self) -> Any:
         return self.prompts[self.round % len(self.prompts)]
@@ -220,13 +222,13 @@ def _tool_featurewatch(job: Job, top_features: int) -> Tool:
 
     # one monitor per model (featurewatch refuses a second one on the same model); attached only
     # around featurewatch's own calls, so the other tools run on a model without its hooks
-    if "monitor" not in job.__dict__:
+    if job.monitor is None:
         from profile_hotpath import timed_hooks  # a sibling script: the same timers as the profile
 
-        monitor = Monitor(job.model, job.tok, pack=job.args.pack)
-        job.__dict__["monitor"], job.__dict__["monitor_hooks"] = monitor, timed_hooks(monitor)
-        monitor.detach()
-    monitor, hooks = job.__dict__["monitor"], job.__dict__["monitor_hooks"]
+        job.monitor = Monitor(job.model, job.tok, pack=job.args.pack)
+        job.monitor_hooks = timed_hooks(job.monitor)
+        job.monitor.detach()
+    monitor, hooks = job.monitor, job.monitor_hooks
 
     def offline() -> int:
         if not top_features:
