@@ -67,6 +67,18 @@ def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny
         assert kept and not any(t.requires_grad for t in kept)  # ... but nothing the monitor keeps holds it
 
 
+def test_generate_runs_the_model_in_inference_mode_and_readings_still_work(tiny_llama: Any,
+                                                                          tiny_tokenizer: Any) -> None:
+    # inference mode, not generate()'s own no_grad: ~4 % per decode step (docs/architecture.md)
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()], fail_closed=True) as m:
+        result = m.generate("abcdef", max_new_tokens=3, min_new_tokens=3, top_features=3)
+        run = result.session.rows[0]
+        kept = [*run.watched[HP], *run.residuals[HP]]
+        assert kept and all(t.is_inference() for t in kept)
+        readings = result.readings()  # read back outside inference mode, grad mode on
+        assert len(readings) == len(run.token_ids) and any(r.top for r in readings)
+
+
 def test_detaching_mid_generation_marks_the_run_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()])
 
