@@ -214,7 +214,7 @@ def main() -> int:
         run(
             OUT,
             ROOT / "detectors" / "smollm2-135m-instruct",
-            SETS,
+            {name: MAX_TOKENS.get(name, 128) for name in SETS},
             fit="fit" in steps,
             report="report" in steps,
             allow_missing=args.allow_missing,

@@ -10,7 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,6 @@ from featurewatch.training.harvest import is_held_out
 
 log = logging.getLogger("recalibrate")
 HOOK = "layers.15"
-MAX_TOKENS = {
-    "neutral": 192,
-    "danger_prompt": 192,
-    "danger_alpaca": 192,
-    "danger_hw": 192,
-    "sycophancy": 96,
-    "chats": 96,
-}  # the rest 128, as in recalibrate.py
 PRIOR_TOKENS = 4.0
 MAX_FEATURES = 16
 # per hard-negative group: the highest FPR it may see in any wrapper (the rest: DEFAULT_TARGET)
@@ -90,10 +82,11 @@ DETECTORS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_rows(out: Path, sae: SparseAutoencoder, sets: Sequence[str], *, allow_missing: bool = False) -> PhaseRows:
-    """Pooled rows of the named sets from the activation cache (``extract`` must have run)."""
+def load_rows(out: Path, sae: SparseAutoencoder, sets: Mapping[str, int], *,
+              allow_missing: bool = False) -> PhaseRows:
+    """Pooled rows of the sets (name → the max_tokens they were extracted with) from the activation cache."""
     parts = []
-    for name in sets:
+    for name, max_tokens in sets.items():
         data = load_labelled(out / f"{name}.jsonl")
         try:
             acts = cached_acts(
@@ -101,7 +94,7 @@ def load_rows(out: Path, sae: SparseAutoencoder, sets: Sequence[str], *, allow_m
                 None,
                 data,
                 HOOK,
-                max_tokens=MAX_TOKENS.get(name, 128),
+                max_tokens=max_tokens,
                 cache_dir=out / "acts",
                 model_name=EMBEDDED_MODEL_NAME,
             )
@@ -351,7 +344,7 @@ def apply_labels(pack: Path) -> dict[int, dict[str, Any]]:
 def run(
     out: Path,
     pack: Path,
-    sets: Sequence[str],
+    sets: Mapping[str, int],
     *,
     fit: bool = True,
     report: bool = True,
