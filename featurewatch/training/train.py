@@ -10,6 +10,15 @@ encoder columns, and clamps stay cheap.
 Recipe (docs/architecture.md, "SAE training"): inputs scaled so E‖x‖ = √d_in (folded back at export),
 ``b_dec`` initialised at the mean, unit-norm decoder rows with the gradient's
 parallel component removed, Adam with warm-up and linear decay, grad clip 1.
+
+Sparse where the code is sparse: a step keeps ``k × batch`` activations out of
+``d_sae × batch``, so only the encoder's forward matmul is dense. The kept
+pre-activations carry their gradient through :class:`_KeptPre` (an index-add
+into the encoder's gradient instead of a second dense matmul), and the
+decoder is an ``embedding_bag`` over the kept features (forward and backward
+touch ``k`` decoder rows per token, not ``d_sae``). The encoder reads
+``x − b_dec`` with ``b_dec`` held constant (it learns through the decoder),
+which saves the third dense matmul. Measured in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,29 @@ class TrainConfig:
     """Seed for initialisation and shuffling."""
 
 
+class _KeptPre(torch.autograd.Function):
+    """``pre[rows, cols]`` of ``x @ W_enc + b_enc``, with a gradient that touches only the kept entries.
+
+    Forward reads the dense pre-activations already computed without a graph; backward adds each
+    kept entry's gradient times its token's input into the encoder column it came from.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor,
+                cols: Tensor) -> Tensor:
+        ctx.save_for_backward(x, rows, cols)
+        ctx.shapes = (W_enc.shape, b_enc.shape[0])
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, rows, cols = ctx.saved_tensors
+        (d_in, d_sae), _ = ctx.shapes
+        grad_b = torch.zeros(d_sae, dtype=grad.dtype).index_add_(0, cols, grad)
+        grad_W = torch.zeros(d_sae, d_in, dtype=grad.dtype).index_add_(0, cols, x[rows] * grad[:, None])
+        return None, grad_W.t(), grad_b, None, None, None
+
+
 class BatchTopKSAE(nn.Module):
     """The trainable SAE; :meth:`export` turns it into a JumpReLU :class:`SparseAutoencoder`."""
 
@@ -74,25 +106,41 @@ class BatchTopKSAE(nn.Module):
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        n = x.shape[0] * self.cfg.k
-        flat = pre.flatten()
-        values, indices = flat.topk(n, sorted=False)
-        acts = torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
-        return acts @ self.W_dec + self.b_dec, acts, pre
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(x_hat, kept rows, kept features, kept values, pre-activations)``; kept entries sorted by row.
+
+        The dense pre-activations carry no graph (:class:`_KeptPre` gives the kept ones theirs).
+        """
+        with torch.no_grad():
+            pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+            # the batch's top k·batch among each token's top 4k: a global top-k over every entry costs
+            # more than the encoder matmul; this caps a token at 4k features and is otherwise exact
+            cand_vals, cand_cols = pre.topk(min(4 * self.cfg.k, self.cfg.d_sae), dim=-1, sorted=False)
+            keep = cand_vals.flatten().topk(x.shape[0] * self.cfg.k, sorted=False).indices.sort().values
+            rows, cols = keep // cand_cols.shape[1], cand_cols.flatten()[keep]
+        values = torch.relu(_KeptPre.apply(x - self.b_dec.detach(), self.W_enc, self.b_enc, pre, rows, cols))
+        return self.decode(rows, cols, values, x.shape[0]) + self.b_dec, rows, cols, values, pre
+
+    def decode(self, rows: Tensor, cols: Tensor, values: Tensor, batch: int) -> Tensor:
+        """``Σ values · W_dec[cols]`` per row, touching only the kept decoder rows (no ``b_dec``)."""
+        offsets = torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=batch).cumsum(0)[:-1]])
+        return nn.functional.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=values)
 
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        """AuxK: the dead latents' top-``aux_k`` reconstruct what the live ones left over."""
         dead = self.since_fired >= self.cfg.dead_tokens
         n_dead = int(dead.sum())
         if n_dead == 0:
             return x.new_zeros(())
         k = min(self.cfg.aux_k, n_dead)
         residual = (x - x_hat).detach()
-        masked = torch.where(dead, pre, torch.zeros_like(pre))
-        values, indices = masked.topk(k, dim=-1)
-        aux = torch.zeros_like(pre).scatter_(-1, indices, values)
-        recon = aux @ self.W_dec
+        with torch.no_grad():
+            dead_cols = dead.nonzero().flatten()
+            top = pre.index_select(1, dead_cols).topk(k, dim=-1).indices
+            rows = torch.arange(x.shape[0]).repeat_interleave(k)
+            cols = dead_cols[top.flatten()]
+        values = torch.relu(_KeptPre.apply(x - self.b_dec.detach(), self.W_enc, self.b_enc, pre, rows, cols))
+        recon = self.decode(rows, cols, values, x.shape[0])
         return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp_min(1e-8)
 
     @torch.no_grad()
@@ -159,7 +207,7 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
         x = acts[idx].float() * scale
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        x_hat, f, pre = sae(x)
+        x_hat, rows, cols, values, pre = sae(x)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         fvu = mse / (x - x.mean(0)).pow(2).sum(-1).mean()
         aux = sae.aux_loss(x, x_hat, pre)
@@ -171,15 +219,14 @@ def train(acts: Tensor, cfg: TrainConfig, *, checkpoint: Path | None = None, pro
         opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = (f > 0).any(0)
+            live = values > 0
             sae.since_fired += x.shape[0]
-            sae.since_fired[fired] = 0
-            positive = f[f > 0]
-            if positive.numel():  # BatchTopK → JumpReLU: running mean of the smallest kept activation
-                sae.threshold.lerp_(positive.min(), 0.01 if step > 0 else 1.0)
+            sae.since_fired[cols[live]] = 0
+            if live.any():  # BatchTopK → JumpReLU: running mean of the smallest kept activation
+                sae.threshold.lerp_(values[live].min(), 0.01 if step > 0 else 1.0)
         if step % log_every == 0 or step == total - 1:
             row = {"step": step, "fvu": float(fvu.detach()), "aux": float(aux.detach()),
-                   "l0": float((f > 0).sum(-1).float().mean()),
+                   "l0": float(live.sum()) / x.shape[0],
                    "dead": float((sae.since_fired >= cfg.dead_tokens).float().mean()), "lr": lr_at(step, total, cfg)}
             history.append(row)
             if bar:
