@@ -155,17 +155,46 @@ def test_inspect_stored_and_live_contexts(tiny: list[str], data: dict[str, Path]
     assert "top-activating contexts" in out and str(data["pos"]) in out
 
 
-def test_train_sae_writes_a_loadable_sae(tiny_lm_dir: Path, data: dict[str, Path], tmp_path: Path,
-                                         capsys: Any) -> None:
+def test_train_sae_on_a_mix_of_corpora_harvests_then_trains(tiny_lm_dir: Path, data: dict[str, Path],
+                                                             tmp_path: Path, capsys: Any) -> None:
     from featurewatch.sae import SparseAutoencoder
 
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Subject: invoice {i}\n\nPlease find the "
+                                        f"invoice attached and pay by Friday. Ref {i * 7}."}) + "\n"
+                            for i in range(40)), encoding="utf-8")
     out_dir = tmp_path / "work"
-    code, out, err = cli(capsys, "train-sae", "--corpus", str(data["labelled"]), "--out", str(out_dir),
-                         "--model", str(tiny_lm_dir), "--hookpoint", "layers.1", "--tokens", "600", "--ctx", "24",
-                         "--d-sae", "16", "--k", "2", "--batch-size", "64", "--epochs", "1",
-                         "--eval-tokens", "64", "--ce-tokens", "48", "--json")
+    common = ["--corpus", str(docs), "--corpus", str(data["labelled"]), "--mix", "3,1", "--wrap-documents", "0.5",
+              "--out", str(out_dir), "--model", str(tiny_lm_dir), "--hookpoint", "layers.1", "--tokens", "800",
+              "--ctx", "24", "--d-sae", "16", "--k", "2", "--batch-size", "64", "--epochs", "1",
+              "--eval-tokens", "64", "--ce-tokens", "48", "--json"]
+    code, out, err = cli(capsys, "train-sae", *common, "--harvest-only")
+    assert code == 0, err
+    harvested = json.loads(out)["harvested_tokens"]
+    assert harvested["docs"] == 600 and harvested["labelled"] == 200  # --mix 3,1 of --tokens 800
+    assert not (out_dir / "sae").exists()  # --harvest-only: nothing trained yet
+    code, out, err = cli(capsys, "train-sae", *common)  # the same command without it trains on the cache
     assert code == 0, err
     report = json.loads(out)
+    assert report["corpus"] == "docs.jsonl (75%), labelled.jsonl (25%)"
+    assert set(report["per_corpus"]) == {"docs", "labelled"}
+    assert all({"fvu", "l0", "ce_increase"} <= set(r) for r in report["per_corpus"].values())
     assert report["hookpoint"] == "layers.1"
     sae = SparseAutoencoder.load(out_dir / "sae" / "layers.1")
     assert (sae.d_in, sae.d_sae) == (16, 16)
+
+
+def test_in_chat_wrappers_puts_a_stated_fraction_of_documents_in_chats() -> None:
+    from featurewatch.records import Record
+    from featurewatch.training.harvest import in_chat_wrappers
+
+    docs = [Record(f"d{i}", f"document {i}", None, {}, i) for i in range(400)]
+    chats = [Record("c", None, ({"role": "user", "content": "hi"},), {}, 0)]
+    out = in_chat_wrappers(docs + chats, 0.5)
+    wrapped = [r for r in out[:400] if r.messages is not None]
+    assert 160 < len(wrapped) < 240 and out[400] is chats[0]  # ~half the documents; chats untouched
+    last = {r.messages[-1]["role"] for r in wrapped}  # type: ignore[index]
+    assert last == {"user", "assistant"}  # quoted by the user, or written as the assistant's reply
+    assert all(any(f"document {r.id[1:]}" in m["content"] for m in r.messages) for r in wrapped)  # type: ignore[union-attr]
+    assert in_chat_wrappers(docs, 0.5) == out[:400]  # deterministic
+    assert in_chat_wrappers(docs, 0) == docs

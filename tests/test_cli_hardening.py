@@ -201,6 +201,21 @@ def test_numeric_options_are_checked_by_the_parser(argv: list[str], option: str,
     fails(capsys, argv, rf"featurewatch [a-z-]+: error: argument {option}(/\S+)?: must be (an integer|a number)")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--mix", "0.6,x"], r"argument --mix: '0.6,x' is not a comma-separated list of numbers"),
+    (["--mix", "0,0"], r"argument --mix: '0,0': shares must be finite, >= 0 and not all 0"),
+    (["--wrap-documents", "1.5"], r"argument --wrap-documents"),
+])
+def test_train_sae_mix_options_are_checked_by_the_parser(argv: list[str], message: str, capsys: Any,
+                                                         no_model: None) -> None:
+    fails(capsys, ["train-sae", "--corpus", "x", "--out", "o", *argv], message)
+
+
+def test_train_sae_needs_one_share_per_corpus(good: Path, tmp_path: Path, capsys: Any, no_model: None) -> None:
+    fails(capsys, ["train-sae", "--corpus", str(good), "--corpus", str(good), "--out", str(tmp_path / "o"),
+                   "--mix", "1,2,3"], r"--mix has 3 share\(s\) for 2 --corpus file\(s\); give one per corpus")
+
+
 def test_train_sae_k_above_d_sae_is_an_error(good: Path, tmp_path: Path, capsys: Any, no_model: None) -> None:
     fails(capsys, ["train-sae", "--corpus", str(good), "--out", str(tmp_path), "--d-sae", "8", "--k", "9"],
           r"--k 9 is larger than --d-sae 8")

@@ -31,6 +31,29 @@ def is_held_out(record_id: str, fraction: float = 0.05) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
+def in_chat_wrappers(records: list[Record], fraction: float, *, seed: int = 0) -> list[Record]:
+    """Documents (``text`` records) put inside a chat, a ``fraction`` of them chosen by hash of id.
+
+    A chosen document becomes, again by hash, either a user message quoting it or the assistant's
+    reply to a neutral request (calibration.wrappers' ``quoted`` and ``reply``), so features see
+    the same kind of text as a document, as something a user brings, and as something the model
+    writes. Chats are kept as they are.
+    """
+    from ..calibration.wrappers import wrap
+
+    if fraction <= 0:
+        return records
+    out = []
+    for r in records:
+        h = hashlib.sha256(f"wrap{seed}:{r.id}".encode()).digest()
+        if r.text is None or int.from_bytes(h[:4], "big") / 2**32 >= fraction:
+            out.append(r)
+            continue
+        wrapped = wrap({"id": r.id, "text": r.text}, ["quoted" if h[4] % 2 else "reply"])[0]
+        out.append(Record(r.id, None, tuple(wrapped["messages"]), r.extra, r.line))
+    return out
+
+
 def batches(records: Iterable[Record], tokenizer: Any, *, ctx: int, batch_size: int,
             seed: int) -> Iterator[list[list[int]]]:
     """Token-id rows (up to ``ctx`` tokens each) in a seeded shuffled order, grouped in batches."""
