@@ -82,6 +82,12 @@ DETECTORS: dict[str, dict[str, Any]] = {
 }
 
 
+def sae_key(sae: SparseAutoencoder) -> str:
+    """A fingerprint of an SAE's weights (its shape and a strided sample of its encoder)."""
+    w = sae.W_enc.detach().float().flatten()[:: 9973].numpy().tobytes()
+    return f"{tuple(sae.W_enc.shape)}-" + hashlib.sha256(w).hexdigest()[:16]
+
+
 def load_rows(out: Path, sae: SparseAutoencoder, sets: Mapping[str, int], *,
               allow_missing: bool = False) -> PhaseRows:
     """Pooled rows of the sets (name → the max_tokens they were extracted with) from the activation cache."""
@@ -103,7 +109,9 @@ def load_rows(out: Path, sae: SparseAutoencoder, sets: Mapping[str, int], *,
                 raise SystemExit(f"no cached activations for {name}; run the extract step first") from None
             log.warning("no cached activations for %s; skipped", name)
             continue
-        ids_key = hashlib.sha256("\n".join(acts.ids).encode() + str(int(acts.offsets[-1])).encode()).hexdigest()[:12]
+        # the memo is of this cache *and* this SAE: a new SAE must never reuse another's pooled codes
+        ids_key = hashlib.sha256("\n".join(acts.ids).encode() + str(int(acts.offsets[-1])).encode()
+                                 + sae_key(sae).encode()).hexdigest()[:12]
         memo = out / "acts" / f"rows-{name}-{ids_key}.pkl"
         if memo.exists():  # pooled rows of this exact cache, from an earlier run
             import pickle
@@ -341,6 +349,27 @@ def apply_labels(pack: Path) -> dict[int, dict[str, Any]]:
     return {f["id"]: f for f in raw[HOOK]}
 
 
+FEW_CONTEXTS = 2
+
+
+def trim_contexts(pack: Path) -> None:
+    """Keep every stored top context for the features a detector reads, ``FEW_CONTEXTS`` for the rest.
+
+    A 16k-feature dictionary with five contexts each would make features.json the largest file of the
+    pack; the contexts that matter are those a person reads to check a detector's labels.
+    The full file is the SAE run's (runs/<sae>/features.json, copied in by build_default_pack.sh).
+    """
+    used = {f["id"] for spec in pack.glob("*.json") if spec.name not in ("pack.json", "features.json")
+            for f in json.loads(spec.read_text()).get("features", [])}
+    raw = json.loads((pack / "features.json").read_text())
+    for f in raw[HOOK]:
+        if f["id"] not in used:
+            f["top_contexts"] = f["top_contexts"][:FEW_CONTEXTS]
+    (pack / "features.json").write_text(json.dumps(raw, ensure_ascii=False) + "\n")
+    log.info("features.json: full contexts for the %d features detectors read, %d for the rest", len(used),
+             FEW_CONTEXTS)
+
+
 def run(
     out: Path,
     pack: Path,
@@ -416,6 +445,8 @@ def run(
                 "info": info,
                 "explain": explain(spec, features_info, X_pos) if kind == "sae" else None,
             }
+    if fit:
+        trim_contexts(pack)
     (out / "report.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(markdown(results, detail=False))
     log.info("wrote %s", out / "report.json")
