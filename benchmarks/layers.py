@@ -106,11 +106,17 @@ def main() -> int:
     ap.add_argument("--per-label", type=int, default=150, help="records per label and concept")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated subset of the concepts")
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
     sets = Path(args.sets)
     layers = [int(x) for x in args.layers.split(",")]
-    missing = [s for names, _ in CONCEPTS.values() for s in names if not (sets / f"{s}.jsonl").exists()]
+    unknown = sorted(set(args.concepts.split(",")) - set(CONCEPTS))
+    if unknown:
+        print(f"error: unknown concept(s) {unknown}; choose among {list(CONCEPTS)}", file=sys.stderr)
+        return 2
+    concepts = {c: CONCEPTS[c] for c in args.concepts.split(",")}
+    missing = [s for names, _ in concepts.values() for s in names if not (sets / f"{s}.jsonl").exists()]
     if missing:
         print(f"error: {sets} lacks {', '.join(sorted(set(missing)))}.jsonl; run "
               "`.venv/bin/python examples/recalibrate.py --steps build` first", file=sys.stderr)
@@ -118,7 +124,7 @@ def main() -> int:
     loaded = load_model(None)
     cells: list[dict] = []
     t0 = time.time()
-    for concept, (names, phase) in CONCEPTS.items():
+    for concept, (names, phase) in concepts.items():
         records = [r for s in names for r in load_records(sets / f"{s}.jsonl")]
         if phase:
             records = [r for r in records if phase_of_content(r.extra.get("wrapper", "plain")) == phase]

@@ -335,10 +335,18 @@ def fit_one(
 LABELS = Path(__file__).resolve().parent / "feature_labels.json"
 
 
-def apply_labels(pack: Path) -> dict[int, dict[str, Any]]:
-    """Write the hand-written labels (examples/feature_labels.json, read off top contexts) into features.json."""
+def apply_labels(pack: Path, sae: SparseAutoencoder) -> dict[int, dict[str, Any]]:
+    """Write the hand-written labels (examples/feature_labels.json, read off top contexts) into features.json.
+
+    The labels belong to one SAE (its ``sae_key``): feature ids mean nothing across dictionaries, so
+    labels written for another SAE are not applied.
+    """
     raw = json.loads((pack / "features.json").read_text())
-    labels = {int(k): v for k, v in json.loads(LABELS.read_text()).items()} if LABELS.exists() else {}
+    stored = json.loads(LABELS.read_text()) if LABELS.exists() else {"sae": None, "labels": {}}
+    labels = {int(k): v for k, v in stored["labels"].items()}
+    if labels and stored["sae"] != sae_key(sae):
+        log.warning("%s holds labels for SAE %s, not for %s: none applied", LABELS.name, stored["sae"], sae_key(sae))
+        labels = {}
     changed = False
     for f in raw[HOOK]:
         if f["id"] in labels and f.get("label") != labels[f["id"]]:
@@ -381,7 +389,7 @@ def run(
     only: list[str] | None = None,
 ) -> None:
     sae = SparseAutoencoder.load(pack / "sae" / HOOK)
-    features_info = apply_labels(pack)
+    features_info = apply_labels(pack, sae)
     rows = load_rows(out, sae, sets, allow_missing=allow_missing)
     held = np.array([is_held_out(b, 0.2) for b in rows.base_ids])
     results: dict[str, Any] = {}
