@@ -328,8 +328,9 @@ class Monitor:
         if not error:
             for firing in final_firings(self.readouts, session.rows):
                 self._fire(session, firing)
-        for result in session.results():
-            self._fanout.emit("on_run_end", result)
+        for row, result in zip(session.rows, session.results(), strict=True):
+            if not self._fanout.emit("on_run_end", result):
+                row.degraded = True  # the result the caller gets says so, as the fault's log line does
 
     def _fault(self, session: Session | None, stage: str, exc: BaseException) -> None:
         if session is not None:
