@@ -141,7 +141,9 @@ class Monitor:
             hp = resolve_hookpoint(self.model, iv.hookpoint)[0] if iv.hookpoint else None
             resolved.append(iv.model_copy(update={"hookpoint": hp}))
         unit = self.pack.max_activation if self.pack else None
-        return compile_steering(resolved, self._saes, max_activation=unit)
+        dtype = getattr(self.model, "dtype", None)
+        return compile_steering(resolved, self._saes, max_activation=unit,
+                                dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
     # ------------------------------------------------------------------ attach / detach
     @property
