@@ -183,3 +183,23 @@ def test_sae_alerts_carry_evidence_as_the_transformers_monitor_computes_it(make_
     assert [e.feature for e in alert.evidence] == [1]  # feature 1 carried the score (was always [])
     ev = alert.evidence[0]
     assert ev.label == "one" and ev.activation > 0 and ev.contribution == pytest.approx(ev.activation)
+
+
+def test_a_recomputed_request_beside_a_decoding_one_keeps_both_runs_sound(make_engine: Any) -> None:
+    engine, events = make_engine(detectors=["demo"])
+    n = len(PROMPT)
+    requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None), prompt_token_ids=PROMPT)
+                for rid in ("a", "b")}
+    engine.begin_step(["a", "b"], [0, n, 2 * n], torch.cat([torch.arange(n)] * 2), torch.tensor(PROMPT * 2),
+                      requests)
+    engine.on_layer(1, _firing_rows(engine, 2 * n), None)
+    engine.end_step()
+    # a decodes its first token; b was preempted and is recomputed from position 0 (nothing new to read)
+    engine.begin_step(["a", "b"], [0, 1, 1 + n], torch.cat([torch.tensor([n]), torch.arange(n)]),
+                      torch.tensor([40, *PROMPT]), requests)
+    engine.on_layer(1, _firing_rows(engine, 1 + n), None)
+    engine.end_step()
+    a, b = engine.runs["a"].state, engine.runs["b"].state
+    assert not a.degraded and not b.degraded  # the step's sums were sized for the runs it read
+    assert int(a.feature_counts[("layers.1", "completion")]) == 1 and len(a.token_ids) == n + 1
+    assert int(b.feature_counts[("layers.1", "completion")]) == 0 and len(b.token_ids) == n

@@ -188,11 +188,10 @@ class EngineMonitor:
                 feats = readout.features(x)
                 scores = readout.scores(x, feats).cpu() if readout.detectors else None
                 # the step's feature sums per (run, phase), added to each run's before its alerts are built
-                m = feats.shape[1]
-                totals = FeatureTotals(torch.zeros(2 * len(step.runs), m),
-                                       torch.zeros(2 * len(step.runs), dtype=torch.long))
+                m, n_runs = feats.shape[1], len(step.tokens.counts)  # runs past counts have no token here
+                totals = FeatureTotals(torch.zeros(2 * n_runs, m), torch.zeros(2 * n_runs, dtype=torch.long))
                 firings = observe(readout, step.runs, step.tokens, feats.cpu(), scores, totals)
-                for r, run in enumerate(step.runs):
+                for r, run in enumerate(step.runs[:n_runs]):
                     for p, phase in enumerate(PHASES):
                         key = (readout.hookpoint, phase)
                         if key in run.feature_sums:
