@@ -13,13 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 Phase = Literal["prompt", "completion"]
 Action = Literal["alert", "suppress", "block"]
 Severity = Literal["info", "warning", "critical"]
-Outcome = Literal["completed", "blocked", "error"]
+Outcome = Literal["completed", "blocked", "error", "aborted"]
 
 # The one source of truth for phases and outcomes (metrics labels, record rendering, pools).
 PROMPT: Phase = "prompt"
 COMPLETION: Phase = "completion"
 PHASES: tuple[Phase, ...] = (PROMPT, COMPLETION)
-OUTCOMES: tuple[Outcome, ...] = ("completed", "blocked", "error")
+OUTCOMES: tuple[Outcome, ...] = ("completed", "blocked", "error", "aborted")
+"""``aborted``: the client gave up on the run (a closed stream, a cancelled request); no end-of-run verdicts."""
 
 
 class FeatureEvidence(BaseModel):

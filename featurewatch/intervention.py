@@ -16,6 +16,10 @@ Values for ``clamp`` and ``add`` are in units of the feature's maximum
 activation (from the pack's feature statistics), so ``value=2`` means twice
 the largest activation seen in the SAE's training text — the scale of
 Anthropic's Golden Gate demonstration; ``absolute=True`` takes raw units.
+A value is refused (one line, before any generation) when it is beyond
+:data:`STEER_LIMIT` × the feature's max activation (a ``scale`` factor beyond
+:data:`STEER_LIMIT`), or when the change it makes would not be finite in the
+residual stream's dtype: an overflowing edit turns every logit into NaN.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from .alert import Phase
 from .detector import DetectorSpec
-from .errors import ConfigError
+from .errors import ConfigError, FeatureOutOfRange
 from .positions import StepTokens
 from .sae import SparseAutoencoder, SubsetEncoder
 from .session import RunState
 
 Mode = Literal["clamp", "add", "scale", "ablate"]
 MODES: tuple[Mode, ...] = ("clamp", "add", "scale", "ablate")
+STEER_LIMIT = 1000.0
+"""The largest ``|value|`` in max-activation units (clamp/add), and the largest ``|factor|`` (scale)."""
 _STEER = re.compile(r"^(?:(?P<hp>[A-Za-z_][\w.]*):)?(?P<feature>\d+):(?P<mode>[a-z]+)(?::(?P<value>[-+0-9.eE]+))?$")
 
 
@@ -53,11 +59,12 @@ class Intervention(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    feature: int = Field(ge=0, description="feature index in the SAE at the hookpoint")
+    feature: int = Field(ge=0, strict=True, description="feature index in the SAE at the hookpoint")
     mode: Mode = Field(description="clamp: set to value; add: add value; scale: multiply by value; ablate: set to 0")
-    value: float | None = Field(default=None, description=(
+    value: float | None = Field(default=None, strict=True, description=(
         "clamp/add: in units of the feature's max activation (unless absolute); scale: the factor"))
-    absolute: bool = Field(default=False, description="clamp/add values are raw activations, not × max activation")
+    absolute: bool = Field(default=False, strict=True,
+                           description="clamp/add values are raw activations, not × max activation")
     hookpoint: str | None = Field(default=None, description="default: the pack's SAE hookpoint (when it has one)")
     phases: tuple[Phase, ...] = Field(default=("prompt", "completion"), min_length=1)
     when: str | None = Field(default=None, description="a detector name: active after it fires in the run")
@@ -69,6 +76,10 @@ class Intervention(BaseModel):
                 raise ValueError("mode 'ablate' takes no value (it sets the feature to 0)")
         elif self.value is None or not math.isfinite(self.value):
             raise ValueError(f"mode {self.mode!r} needs a finite value")
+        elif (self.mode == "scale" or not self.absolute) and abs(self.value) > STEER_LIMIT:
+            unit = "a factor" if self.mode == "scale" else "× the feature's max activation"
+            raise ValueError(f"{self.mode} value {self.value:g} is beyond ±{STEER_LIMIT:g} ({unit}): the edit would "
+                             "swamp the residual stream; use a value within it")
         return self
 
     @classmethod
@@ -81,8 +92,18 @@ class Intervention(BaseModel):
         try:
             return cls(feature=int(m["feature"]), mode=m["mode"],
                        value=None if m["value"] is None else float(m["value"]), hookpoint=m["hp"])
+        except ValidationError as exc:  # one line, not pydantic's report
+            raise ConfigError(f"intervention {text!r}: {first_error(exc)}") from None
         except ValueError as exc:
-            raise ConfigError(f"intervention {text!r}: {exc}") from exc
+            raise ConfigError(f"intervention {text!r}: {exc}") from None
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first problem of a pydantic error as one line (no input dump, no URL)."""
+    err = exc.errors()[0]
+    msg = str(err.get("msg", exc)).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {msg}" if where else msg
 
 
 def suppression(spec: DetectorSpec) -> list[Intervention]:
@@ -135,13 +156,33 @@ def sae_hookpoint(iv: Intervention, sae_hookpoints: Sequence[str],
     return hp
 
 
+def _check_size(iv: Intervention, hp: str, value: float, unit: float | None, sae: SparseAutoencoder,
+                dtype: torch.dtype) -> None:
+    """A compiled value within :data:`STEER_LIMIT` max activations, and its change finite in ``dtype``."""
+    if iv.mode == "ablate":
+        return
+    target = abs(value) * (unit or 1.0) if iv.mode == "scale" else abs(value)  # activation units
+    if iv.mode != "scale" and unit and target > STEER_LIMIT * unit:
+        raise ConfigError(f"intervention on feature {iv.feature} at {hp}: {iv.mode} {iv.value:g} is "
+                          f"{target / unit:.3g} × the feature's max activation ({unit:g}); keep it within "
+                          f"±{STEER_LIMIT:g} ×")
+    row = float(sae.W_dec[iv.feature].abs().max()) / (sae.input_scale or 1.0)
+    biggest = float(torch.finfo(dtype).max) if dtype.is_floating_point else math.inf
+    if not math.isfinite(target * row) or target * row > biggest / 4:
+        raise ConfigError(f"intervention on feature {iv.feature} at {hp}: {iv.mode} {iv.value:g} changes the "
+                          f"residual stream by up to {target * row:.3g}, which overflows {dtype} "
+                          f"(max {biggest:.3g}); use a smaller value")
+
+
 def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, SparseAutoencoder], *,
-                     max_activation: Callable[[str, int], float | None] | None = None) -> dict[str, Steering]:
+                     max_activation: Callable[[str, int], float | None] | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Steering]:
     """Group interventions by hookpoint and compile each group (values in absolute units).
 
     ``saes`` maps canonical hookpoints (``layers.N``, as interventions must name them by now)
     to the SAEs there (float32, on the model's device); ``max_activation(hookpoint, feature)``
-    gives the unit of relative clamp/add values.
+    gives the unit of relative clamp/add values; ``dtype``: the residual stream's, in which
+    the change must stay finite.
     """
     by_hp: dict[str, list[Intervention]] = {}
     for iv in interventions:
@@ -151,14 +192,18 @@ def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, S
         sae = saes[hp]
         values = []
         for iv in ivs:
+            if not 0 <= iv.feature < sae.d_sae:  # before anything else: no advice about a feature that is not there
+                raise FeatureOutOfRange(f"intervention on feature {iv.feature}: out of range; the SAE at {hp} has "
+                                        f"features 0 … {sae.d_sae - 1}")
+            unit = max_activation(hp, iv.feature) if max_activation is not None else None
             if iv.mode in ("clamp", "add") and not iv.absolute:
-                unit = max_activation(hp, iv.feature) if max_activation is not None else None
                 if unit is None:
                     raise ConfigError(f"no max activation is known for feature {iv.feature} at {hp} (the pack's "
                                       "features.json has none): pass absolute=True with a raw value")
                 values.append(float(iv.value or 0.0) * unit)
             else:
                 values.append(float(iv.value or 0.0))
+            _check_size(iv, hp, values[-1], unit, sae, dtype)
         ids = [iv.feature for iv in ivs]
         device = sae.W_enc.device
         phase_ok = torch.tensor([[p in iv.phases for iv in ivs] for p in ("prompt", "completion")])  # on the CPU

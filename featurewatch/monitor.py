@@ -141,7 +141,9 @@ class Monitor:
             hp = resolve_hookpoint(self.model, iv.hookpoint)[0] if iv.hookpoint else None
             resolved.append(iv.model_copy(update={"hookpoint": hp}))
         unit = self.pack.max_activation if self.pack else None
-        return compile_steering(resolved, self._saes, max_activation=unit)
+        dtype = getattr(self.model, "dtype", None)
+        return compile_steering(resolved, self._saes, max_activation=unit,
+                                dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -328,8 +330,9 @@ class Monitor:
         if not error:
             for firing in final_firings(self.readouts, session.rows):
                 self._fire(session, firing)
-        for result in session.results():
-            self._fanout.emit("on_run_end", result)
+        for row, result in zip(session.rows, session.results(), strict=True):
+            if not self._fanout.emit("on_run_end", result):
+                row.degraded = True  # the result the caller gets says so, as the fault's log line does
 
     def _fault(self, session: Session | None, stage: str, exc: BaseException) -> None:
         if session is not None:

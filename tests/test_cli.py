@@ -124,6 +124,23 @@ def test_explain_lists_the_readout(tiny: list[str], capsys: Any) -> None:
     assert code == 2 and "valid:" in err
 
 
+def test_explain_shows_shares_sorted_by_share(tmp_path: Path, capsys: Any) -> None:
+    from conftest import make_pack
+
+    # feature 1: weight 1.0 but a small max activation (0.5); feature 2: weight -0.5, max activation 6
+    pack = make_pack(tmp_path / "pack", d_in=16, d_sae=8, hookpoint="layers.1")
+    (pack / "features.json").write_text(json.dumps({"layers.1": [
+        {"id": 1, "max_activation": 0.5, "label": "one"}, {"id": 2, "max_activation": 6.0, "label": "two"}]}))
+    code, out, err = cli(capsys, "explain", "demo", "--pack", str(pack), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    # shares were null for every feature, rows sorted by |weight|
+    assert [(r["id"], r["share"]) for r in report["features"]] == [(2, 0.8571), (1, 0.1429)]
+    assert report["share_basis"] == "max_activation" and report["largest_share"] == 0.8571
+    code, out, err = cli(capsys, "explain", "demo", "--pack", str(pack))
+    assert code == 0 and "share  86%" in out and "share = |wᵢ · max activationᵢ| / Σ" in out
+
+
 def test_discover_ranks_features(tiny: list[str], data: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
     code, out, err = cli(capsys, "discover", *tiny, "--pos", str(data["pos"]), "--neg", str(data["neg"]),
                          "--top", "3", "--json", "--cache", str(tmp_path))

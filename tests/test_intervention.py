@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from conftest import sae16
-from featurewatch.errors import ConfigError
+from featurewatch.errors import ConfigError, FeatureOutOfRange
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
 from featurewatch.monitor import Monitor
@@ -141,3 +142,48 @@ def test_an_intervention_must_name_its_hookpoint_when_there_are_several_saes() -
     with pytest.raises(ConfigError, match="'layers.7': there is no SAE there"):
         compile_steering([Intervention(feature=3, mode="ablate", hookpoint="layers.7")], two)
     assert set(compile_steering([Intervention(feature=3, mode="ablate", hookpoint=HP)], two)) == {HP}
+
+
+# --------------------------------------------------------------------------- values a user may not give
+def test_an_out_of_range_feature_is_reported_before_any_advice_about_units() -> None:
+    iv = Intervention(feature=4608, mode="clamp", value=2)
+    with pytest.raises(FeatureOutOfRange, match="feature 4608: out of range; the SAE at layers.1 has features 0 … 11"):
+        compile_steering([iv], {HP: sae16()}, max_activation=lambda hp, f: None)  # used to advise absolute=True
+
+
+@pytest.mark.parametrize("kw", [dict(value="2"), dict(value=True), dict(feature=True), dict(feature="3"),
+                                dict(absolute=1)])
+def test_values_have_strict_types(kw: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        Intervention(**{"feature": 3, "mode": "clamp", "value": 2, "absolute": True, **kw})
+
+
+@pytest.mark.parametrize("mode, value, absolute", [("clamp", 1e300, False), ("add", 1e38, False),
+                                                   ("scale", 1e39, False), ("scale", -2e3, True)])
+def test_a_value_beyond_the_limit_is_refused(mode: str, value: float, absolute: bool) -> None:
+    with pytest.raises(ValidationError, match="beyond ±1000"):
+        Intervention(feature=3, mode=mode, value=value, absolute=absolute)  # type: ignore[arg-type]
+
+
+def test_an_absolute_value_is_checked_in_max_activation_units_and_in_the_residual_dtype() -> None:
+    sae = sae16()
+    with pytest.raises(ConfigError, match=r"is 1e\+05 × the feature's max activation \(2\); keep it within"):
+        compile_steering([Intervention(feature=3, mode="add", value=2e5, absolute=True)], {HP: sae},
+                         max_activation=lambda hp, f: 2.0)
+    with pytest.raises(ConfigError, match="overflows torch.float32"):  # no unit known: the dtype still bounds it
+        compile_steering([Intervention(feature=3, mode="clamp", value=1e38, absolute=True)], {HP: sae})
+    with pytest.raises(ConfigError, match="overflows torch.float16"):
+        compile_steering([Intervention(feature=3, mode="clamp", value=1e5, absolute=True)], {HP: sae},
+                         dtype=torch.float16)
+    compile_steering([Intervention(feature=3, mode="clamp", value=1e5, absolute=True)], {HP: sae})  # fine in fp32
+
+
+def test_the_monitor_refuses_an_overflowing_edit_instead_of_generating_nan(tiny_llama: Any,
+                                                                           tiny_tokenizer: Any) -> None:
+    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()})
+    try:
+        with pytest.raises(ConfigError, match="overflows"):
+            m.generate("abc", max_new_tokens=2, chat=False,
+                       interventions=[Intervention(feature=3, mode="clamp", value=1e38, absolute=True)])
+    finally:
+        m.detach()

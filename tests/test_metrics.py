@@ -47,7 +47,7 @@ def test_attach_creates_every_child_at_zero(sink: PrometheusMetrics, registry: C
     # A phase the detector does not watch gets no series.
     assert value(registry, "featurewatch_alerts_total", detector="dangerous-content", phase="completion",
                  action="block", model_name="tiny") is None
-    for outcome in ("completed", "blocked", "error"):
+    for outcome in ("completed", "blocked", "error", "aborted"):
         assert value(registry, "featurewatch_generations_total", model_name="tiny", outcome=outcome) == 0
     assert value(registry, "featurewatch_tokens_scanned_total", model_name="tiny") == 0
     assert value(registry, "featurewatch_generations_in_flight", model_name="tiny") == 0

@@ -275,6 +275,16 @@ def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(tiny_llama: Any
         assert len(result.token_ids) == 3
 
 
+def test_a_sink_fault_at_run_end_marks_the_result_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    class FailsAtEnd(BaseSink):
+        def on_run_end(self, result: Any) -> None:
+            raise OSError("disk full")
+
+    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[FailsAtEnd()], detectors=[spec()]) as m:
+        result = m.generate("abc", max_new_tokens=2)
+    assert result.degraded  # the fault is logged as "marked degraded"; it used to stay False
+
+
 def test_fail_closed_turns_a_fault_into_an_error(monitor: Monitor, monkeypatch: Any) -> None:
     monkeypatch.setattr(monitor, "_read", lambda *a: 1 / 0)
     with pytest.raises(MonitorError, match="ZeroDivisionError"):

@@ -122,11 +122,31 @@ def test_steer_command_prints_a_table(tiny_cli: list[str], capsys: Any) -> None:
     (["run", "--steer", "3:clamp:2"], "max activation"),  # the test pack has no feature statistics
     (["steer"], "say what to steer"),
     (["steer", "--steer", "3:boost"], "FEATURE:MODE"),
+    # one `featurewatch: error:` line each, before the load (these printed pydantic's three-line dump with a URL,
+    # and a bad hookpoint was found only after the model loaded)
+    (["run", "--steer", "1:clamp:1e999", "--steer-absolute"], "mode 'clamp' needs a finite value"),
+    (["run", "--steer", "1:ablate:5"], "mode 'ablate' takes no value"),
+    (["run", "--steer", "1:clamp:1e300"], "clamp value 1e+300 is beyond ±1000"),
+    (["run", "--steer", "1:scale:1e39"], "scale value 1e+39 is beyond ±1000 (a factor)"),
+    (["run", "--steer", "layers.7:1:clamp:2", "--steer-absolute"],
+     "has no SAE at layers.7; its SAE hookpoints: layers.1"),
+    (["run", "--steer", "attn.x:1:clamp:2", "--steer-absolute"], "hookpoint 'attn.x' is not understood"),
+    (["steer", "--feature", "1", "--mode", "scale", "--strengths", "2,1e39"], "--strengths 1e+39: scale value"),
 ])
 def test_bad_steering_exits_2_naming_the_valid_form(tiny_cli: list[str], argv: list[str], message: str,
                                                     capsys: Any) -> None:
     code, out, err = cli(capsys, *argv[:1], *tiny_cli, *argv[1:])
     assert code == 2 and message in err and "loading model" not in err  # checked before the model loads
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("featurewatch: error:") and "http" not in err, err
+
+
+def test_json_output_is_standard_json_without_nan() -> None:
+    from featurewatch.cli._common import json_line
+
+    line = json_line({"kl": float("nan"), "points": [{"ce": float("inf")}, {"ce": 1.5}], "s": "é"})
+    assert line == '{"kl": null, "points": [{"ce": null}, {"ce": 1.5}], "s": "é"}'
+    assert json.loads(line)["kl"] is None
 
 
 def test_run_steer_applies_to_each_generation(tiny_cli: list[str], capsys: Any) -> None:

@@ -214,10 +214,13 @@ def test_attach_scores_equal_transformers_monitor(model_dir: Path, tmp_path: Pat
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}), file=sys.stderr)
     for row in report["rows"]:
         assert row["same_tokens"], row  # greedy decoding in float32 picks the same tokens
-        assert row["vllm_alerts"] == row["hf_alerts"], row
+        assert row["vllm_alerts"] == row["hf_alerts"], row  # detector, phase and evidence features
         assert row["n_tokens"][0] == row["n_tokens"][1], row
     # float32 kernels differ (vLLM's CPU attention vs torch SDPA): |Δ| ≤ 1e-4 · max(1, |score|)
     assert report["max_rel"] <= 1e-4, report
+    assert report["max_evidence_rel"] <= 1e-4, report  # evidence contributions too
+    # sae alerts carry evidence inside vLLM too (it used to be [] there, so equal alerts proved nothing of it)
+    assert any(features for row in report["rows"] for _, _, features in row["vllm_alerts"]), report
     assert report["alerts_delivered"] >= 2
     assert report["off_result"] is False  # featurewatch_off: unmonitored, no result
     assert report["only_scores"] == ["scam-email"]  # featurewatch_detectors picks detectors per request

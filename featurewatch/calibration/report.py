@@ -159,18 +159,27 @@ def table(spec: dict[str, Any], score: np.ndarray, fire: np.ndarray, y_all: np.n
 
 def explain(spec: dict[str, Any], features_info: dict[int, dict[str, Any]], X_pos: np.ndarray | None = None,
             *, contexts: int = 3) -> dict[str, Any]:
-    """A readout as a person can check it: per feature id, weight, label, top contexts, share on the positives.
+    """A readout as a person can check it: per feature id, weight, label, top contexts, share of the score.
 
-    ``X_pos`` (n, d_sae) pooled activations of positives; without it shares are left out.
+    ``share``: each feature's part of ``Σ |wᵢ·aᵢ|``, with ``aᵢ`` its mean pooled activation on
+    the positives ``X_pos`` (n, d_sae) when given (``share_basis: "positives"``), else its
+    largest activation in the pack's feature statistics (``"max_activation"``: what the
+    feature can add to a score); None when neither is known. Rows are sorted by share.
     """
     feats = spec.get("features", [])
     w = np.array([f["weight"] for f in feats])
     shares = None
     mean_pos = None
+    basis = None
     if X_pos is not None and len(feats):
         mean_pos = X_pos[:, [f["id"] for f in feats]].mean(0)
         c = np.abs(w * mean_pos)
-        shares = c / max(float(c.sum()), 1e-12)
+        shares, basis = c / max(float(c.sum()), 1e-12), "positives"
+    elif len(feats):
+        peak = np.array([float(features_info.get(f["id"], {}).get("max_activation") or 0.0) for f in feats])
+        if (peak > 0).all():
+            c = np.abs(w * peak)
+            shares, basis = c / max(float(c.sum()), 1e-12), "max_activation"
     rows = []
     for j, f in enumerate(feats):
         info = features_info.get(f["id"], {})
@@ -179,8 +188,9 @@ def explain(spec: dict[str, Any], features_info: dict[int, dict[str, Any]], X_po
                      "mean_activation_pos": _r(float(mean_pos[j])) if mean_pos is not None else None,
                      "share": _r(float(shares[j])) if shares is not None else None,
                      "top_contexts": list(info.get("top_contexts", []))[:contexts]})
-    rows.sort(key=lambda r: -(r["share"] or abs(r["weight"])))
+    rows.sort(key=lambda r: -(r["share"] if r["share"] is not None else abs(r["weight"])))
     return {"detector": spec["name"], "kind": spec.get("kind", "sae"), "bias": spec.get("bias", 0.0),
             "threshold": spec["threshold"], "phase_thresholds": spec.get("phase_thresholds"),
             "pooling": spec.get("pooling"), "hysteresis": spec.get("hysteresis", 0.0), "features": rows,
+            "share_basis": basis,
             "largest_share": rows[0]["share"] if rows and rows[0]["share"] is not None else None}

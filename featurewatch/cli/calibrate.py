@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
     _common(p, detectors=True)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("explain", help="what a detector reads: features, weights, labels, top contexts, shares")
+    p = sub.add_parser("explain", help="what a detector reads: features, weights, labels, top contexts, shares "
+                            "(at each feature's max activation)")
     p.add_argument("detector", metavar="DETECTOR", help="detector name in the pack")
     p.add_argument("--pack", default=None, help="pack name or directory (default: smollm2-135m-instruct)")
     p.add_argument("--contexts", type=POSITIVE, default=3, help="top contexts shown per feature")
@@ -316,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Print a detector's readout: features by share of the score on the calibration positives."""
+    """Print a detector's readout: features by share of the score (each at its max activation)."""
     from ..calibration.report import explain
     from ..pack import DEFAULT_PACK, load_pack
 
@@ -338,6 +339,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if spec.kind == "probe":
         print("  a dense probe over the raw residual: no features to list")
         return 0
+    if out["share_basis"] == "max_activation":
+        print("  share = |wᵢ · max activationᵢ| / Σ: what each feature can add to the score at its largest")
+    elif out["share_basis"] is None:
+        print("  share: — (the pack's features.json gives no max activation for every feature)")
     for r in out["features"]:
         share = f"{r['share']:.0%}" if r["share"] is not None else "—"
         print(f"  #{r['id']:<5} w={r['weight']:+8.3f}  share {share:>4}  {r['label'] or '(unlabelled)'}")

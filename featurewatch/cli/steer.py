@@ -11,14 +11,13 @@ option ``run`` shares (parsed and range-checked before the model loads).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ._common import POSITIVE, CLIError, add_model_args, check_input, load_model, load_pack_checked, progress
+from ._common import POSITIVE, CLIError, add_model_args, check_input, json_line, load_model, load_pack_checked, progress
 
 if TYPE_CHECKING:
     from ..intervention import Intervention
@@ -94,13 +93,16 @@ def parse_steer(specs: list[str], *, absolute: bool = False, value_optional: boo
 
 
 def check_features(interventions: list[Intervention], pack: Pack) -> None:
-    """Features in range of their SAE, and a unit for relative values — checked before the model loads."""
+    """Hookpoints with an SAE, features in range, a unit for relative values — checked before the model loads."""
+    from ..models import normalize_hookpoint
+
     default = next(iter(pack.saes), None)
     for iv in interventions:
-        hp = iv.hookpoint or default
+        hp = normalize_hookpoint(iv.hookpoint) if iv.hookpoint else default  # HookpointNotFound: one line
         sae = pack.saes.get(hp) if hp else None
         if hp is None or sae is None:
-            continue  # another hookpoint spelling or an SAE given elsewhere: the monitor checks it
+            raise CLIError(f"--steer {iv.hookpoint or ''}:{iv.feature}: pack {pack.name} has no SAE at "
+                           f"{hp or 'any hookpoint'}; its SAE hookpoints: {', '.join(pack.saes) or 'none'}")
         if not 0 <= iv.feature < sae.d_sae:
             raise CLIError(f"feature {iv.feature} is out of range: the SAE at {hp} has features 0 … {sae.d_sae - 1}")
         if iv.mode in ("clamp", "add") and not iv.absolute and not pack.max_activation(hp, iv.feature):
@@ -116,7 +118,22 @@ def _interventions(args: argparse.Namespace) -> list[Intervention]:
     out += parse_steer(args.steer, absolute=args.absolute, value_optional=True)
     if not out:
         raise CLIError(f"say what to steer: --feature F [--mode clamp|add|scale|ablate] or --steer {STEER_FORM}")
+    for strength in args.strengths:  # each strength is a value: in range before the model loads
+        for iv in out:
+            if iv.mode != "ablate":
+                try:
+                    Intervention.model_validate({**iv.model_dump(), "value": float(strength)})
+                except ValueError as exc:
+                    raise CLIError(f"--strengths {strength:g}: {_one_line(exc)}") from None
     return out
+
+
+def _one_line(exc: ValueError) -> str:
+    from pydantic import ValidationError
+
+    from ..intervention import first_error
+
+    return first_error(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
@@ -147,7 +164,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot written to {plot(result, args.plot)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), ensure_ascii=False))
+        print(json_line(result.model_dump(mode="json")))
     else:
         print(table(result, samples=args.samples))
     return 0

@@ -21,6 +21,14 @@ Why it is built this way:
   caller will see it: from the wrapper when ``generate`` runs in the caller's
   call chain (invoke, ainvoke), else (streaming) from the next token callback
   in the consumer's thread, after the generating thread has stopped.
+* A batch (``batch``/``abatch`` of a ``BaseLLM``, ``generate`` with several
+  prompts) is one LangChain call whose prompts run in one ``_generate``: an
+  exception there would fail every input, the finished ones too, and stop the
+  rest. So each input gets its own outcome: a blocked prompt's row stops within
+  one decode step and its text comes back empty (nothing of a blocked
+  generation is handed over; ``generation_info["featurewatch"]`` and
+  :meth:`FeatureWatchCallbackHandler.result` say ``blocked`` and why), the other
+  prompts run to their end. Nothing is raised for a batch input.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class _Run:
     results: list[GenerationResult] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     raised: bool = False
+    batch: bool = False  # one of several prompts of one LangChain call: blocked without raising
 
     @property
     def blocked(self) -> bool:
@@ -175,11 +184,25 @@ class _Binder:
             for hit in claims:
                 if hit:
                     hit[0].done.set()
-        blocked = [hit[0] for hit in claims if hit and hit[0].enforce and hit[0].blocked]
+        blocked = [hit[0] for hit in claims if hit and hit[0].enforce and hit[0].blocked and not hit[0].batch]
         if blocked and kwargs.get("streamer") is None:
             blocked[0].raised = True
             raise _blocked_error(blocked[0])
         return out
+
+
+def _withhold(response: Any, run: _Run) -> None:
+    """Empty a blocked batch input's generation (the same objects the batch returns), saying why."""
+    assert isinstance(run.session, Session)
+    alert = next(a for a in run.session.rows[run.row].alerts if a.action == "block")
+    note = {"run_id": run.run_id, "outcome": "blocked", "detector": alert.detector, "phase": alert.phase}
+    for generations in getattr(response, "generations", []):
+        for gen in generations:
+            message = getattr(gen, "message", None)
+            if message is not None:
+                message.content = ""
+            gen.text = ""
+            gen.generation_info = {**(gen.generation_info or {}), "featurewatch": note}
 
 
 def _blocked_error(run: _Run) -> GenerationBlocked:
@@ -255,13 +278,13 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
         except Exception as exc:  # noqa: BLE001 — an unrenderable prompt is not monitored, the call goes on
             logger.warning("featurewatch cannot render run %s's messages, so it is not monitored: %s", run_id, exc)
             rendered = None
-        self._start(run_id, rendered, parent_run_id, tags, metadata)
+        self._start(run_id, rendered, parent_run_id, tags, metadata, batch=int(kwargs.get("batch_size") or 1) > 1)
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         rendered = render_text(prompts[0], self.monitor.tokenizer) if prompts and prompts[0].strip() else None
-        self._start(run_id, rendered, parent_run_id, tags, metadata)
+        self._start(run_id, rendered, parent_run_id, tags, metadata, batch=int(kwargs.get("batch_size") or 1) > 1)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.mode == "enforce":
@@ -270,7 +293,12 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
             if self.mode == "enforce":
-                self._raise_if_blocked(str(run_id))
+                run = self._runs.get(str(run_id))
+                if run is not None and run.batch:
+                    if run.blocked:
+                        _withhold(response, run)  # its own outcome; the batch's other inputs go on
+                else:
+                    self._raise_if_blocked(str(run_id))
         finally:
             self._end(str(run_id))
 
@@ -279,9 +307,9 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
 
     # ------------------------------------------------------------------ internals
     def _start(self, run_id: UUID, rendered: Rendered | None, parent_run_id: UUID | None,
-               tags: Sequence[str] | None, metadata: dict[str, Any] | None) -> None:
+               tags: Sequence[str] | None, metadata: dict[str, Any] | None, *, batch: bool = False) -> None:
         key = str(run_id)
-        run = _Run(run_id=key, rendered=rendered, enforce=self.mode == "enforce")
+        run = _Run(run_id=key, rendered=rendered, enforce=self.mode == "enforce", batch=batch)
         with self._lock:
             self._runs[key] = run
             self._remember(self._contexts, key, {"langchain": {

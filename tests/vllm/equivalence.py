@@ -69,7 +69,7 @@ def main(model_dir: str) -> None:
     lm = load_model(model_dir)
     ref = Monitor(lm.model, lm.tokenizer, pack=PACK)
     rows = []
-    worst_abs = worst_rel = 0.0
+    worst_abs = worst_rel = worst_evidence = 0.0
     for (prompt, n), out, res in zip(PROMPTS, outputs, results):
         hf = ref.generate(prompt, max_new_tokens=n, chat=not isinstance(prompt, str), raise_on_block=False)
         same_tokens = list(out.outputs[0].token_ids) == hf.token_ids
@@ -82,10 +82,22 @@ def main(model_dir: str) -> None:
                 compared[f"{phase}/{name}"] = (got, value)
                 worst_abs = max(worst_abs, abs(got - value))
                 worst_rel = max(worst_rel, abs(got - value) / max(1.0, abs(value)))
-        rows.append({"same_tokens": same_tokens, "vllm_alerts": sorted({(a.detector, a.phase) for a in res.alerts}),
-                     "hf_alerts": sorted({(a.detector, a.phase) for a in hf.alerts}), "scores": compared,
+        # alerts with their evidence: which features carried the score, and how much
+        vllm_alerts = sorted((a.detector, a.phase, [e.feature for e in a.evidence]) for a in res.alerts)
+        hf_alerts = sorted((a.detector, a.phase, [e.feature for e in a.evidence]) for a in hf.alerts)
+        hf_by_key = {(a.detector, a.phase): a for a in hf.alerts}
+        for a in res.alerts:
+            ref_alert = hf_by_key.get((a.detector, a.phase))
+            if ref_alert is None or len(ref_alert.evidence) != len(a.evidence):
+                continue
+            for got_e, ref_e in zip(a.evidence, ref_alert.evidence):
+                worst_evidence = max(worst_evidence, abs(got_e.contribution - ref_e.contribution)
+                                     / max(1.0, abs(ref_e.contribution)))
+        rows.append({"same_tokens": same_tokens, "vllm_alerts": vllm_alerts, "hf_alerts": hf_alerts,
+                     "scores": compared,
                      "n_tokens": [res.n_tokens, hf.run.n_tokens]})
-    print(json.dumps({"rows": rows, "max_abs": worst_abs, "max_rel": worst_rel, "alerts_delivered": len(alerts),
+    print(json.dumps({"rows": rows, "max_abs": worst_abs, "max_rel": worst_rel,
+                      "max_evidence_rel": worst_evidence, "alerts_delivered": len(alerts),
                       "off_result": off_result is not None, "only_scores": only_scores}))
 
 

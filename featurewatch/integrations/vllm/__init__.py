@@ -15,7 +15,8 @@ The monitor runs in vLLM's worker (another process, by default); alerts and
 results reach this process's callbacks and sinks when :meth:`VLLMMonitor.collect`
 runs (``result`` and ``results`` call it). Per request,
 ``SamplingParams(extra_args={"featurewatch_off": True})`` leaves a request
-unmonitored and ``{"featurewatch_detectors": ["scam-email"]}`` picks detectors.
+unmonitored and ``{"featurewatch_detectors": ["scam-email"]}`` picks detectors (``attach``
+honours them; a server does only where its operator allows it, see :mod:`.options`).
 
 vLLM is imported only when these functions run; install it with
 ``bash .ci/setup-vllm.sh`` (a venv of its own).
@@ -32,7 +33,7 @@ from ...alert import Alert, RunResult
 from ...errors import ConfigError
 from ...pack import DEFAULT_PACK, load_pack, resolve_pack_path
 from ...sinks import Fanout
-from .engine import DETECTORS_KEY, OFF_KEY
+from .options import DETECTORS_KEY, OFF_KEY, RequestPolicy, safe_run_id
 
 __all__ = ["DETECTORS_KEY", "OFF_KEY", "VLLMMonitor", "attach"]
 
@@ -44,6 +45,9 @@ def _rpc_attach(worker: Any, pack: str, detectors: list[str] | None, capture_tex
 
     monitor = install(worker.model_runner, pack=pack, detectors=detectors, capture_text=capture_text,
                       fail_closed=fail_closed, keep_events=True, after_start=True)
+    if monitor is not None:
+        # the caller of attach() owns the LLM (operator and client at once): every request option is honoured
+        monitor.request_policy = RequestPolicy(allow=True, optional=tuple(d.name for d in monitor.detectors))
     return None if monitor is None else {"layers": monitor.layers, "detectors": [d.name for d in monitor.detectors],
                                          "model_name": monitor.model_name}
 
@@ -99,6 +103,7 @@ class VLLMMonitor:
     def result(self, request_id: str, *, timeout: float = 5.0) -> RunResult:
         """The :class:`RunResult` of a finished request (``RequestOutput.request_id``)."""
         deadline = time.monotonic() + timeout
+        request_id = safe_run_id(request_id)  # as the worker keys it
         while request_id not in self._results:
             self._flush()
             self.collect()

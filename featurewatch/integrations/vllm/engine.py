@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,22 +29,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...alert import Alert, Outcome, RunResult
+from ...alert import PHASES, Alert, Outcome, RunResult
 from ...detection import Firing, new_pools, observe, record_alert
 from ...detector import DetectorSpec
 from ...errors import ConfigError
 from ...pack import Pack
 from ...readout import Readout, build_readouts
-from ...session import RunState
+from ...session import FeatureTotals, RunState
 from ...sinks import Fanout
 from .batch import ContentMasker, Scheduled, step_tokens
+from .options import SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
 logger = logging.getLogger(__name__)
 
-OFF_KEY = "featurewatch_off"
-"""``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): a true value leaves the request unmonitored."""
-DETECTORS_KEY = "featurewatch_detectors"
-"""``extra_args`` key: the detector names (a list, or a comma-separated string) to run on this request."""
 BLOCK_REASON = "featurewatch: blocked by {detector}"
 
 
@@ -74,7 +71,8 @@ class EngineMonitor:
                  detectors: Sequence[str] | None = None, sinks: Sequence[Any] = (), model_name: str = "",
                  capture_text: bool = True, fail_closed: bool = False, keep_events: bool = False,
                  external_id: Callable[[str], str] = lambda rid: rid, keep_results: int = 4096,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, request_policy: RequestPolicy = SERVER_DEFAULT
+                 ) -> None:
         self.pack = pack
         self.detectors = pack.select(list(detectors) if detectors is not None else None)
         self.readouts: list[Readout] = build_readouts(model, self.detectors, pack.saes, pack=pack)
@@ -94,6 +92,8 @@ class EngineMonitor:
         self.runs: dict[str, _Live] = {}
         self._req_of: dict[int, str] = {}  # id(RunState) -> request id
         self.unmonitored: set[str] = set()
+        self.request_policy = request_policy
+        self.request_options: Counter[str] = Counter()  # what happened to per-request options, by status
         self.blocked: dict[str, str] = {}  # request id -> stop reason, until vLLM finishes the request
         self.step: _Step | None = None
         self.steps = 0
@@ -110,31 +110,30 @@ class EngineMonitor:
         live = self.runs.get(req_id)
         if live is not None or req_id in self.unmonitored:
             return live
-        extra = dict(getattr(getattr(request, "sampling_params", None), "extra_args", None) or {})
-        if extra.get(OFF_KEY):
+        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+        decision = decide(extra if isinstance(extra, Mapping) else None, self.detectors, self.request_policy)
+        if decision.status != "none":
+            self.request_options[decision.status] += 1
+            log = logger.info if decision.status == "accepted" else logger.warning
+            log("%s (request %s)", decision.message, safe_run_id(self.external_id(req_id)))
+        if not decision.detectors:
             self.unmonitored.add(req_id)
             return None
-        detectors = self._detectors_for(extra.get(DETECTORS_KEY))
+        detectors = decision.detectors
         prompt = list(getattr(request, "prompt_token_ids", None) or [])
-        state = RunState(run_id=self.external_id(req_id), started_at=self.clock())
+        state = RunState(run_id=safe_run_id(self.external_id(req_id)), started_at=self.clock())
         new_pools(state, detectors)
+        for readout in self.readouts:
+            m = len(readout.feature_ids)
+            for phase in PHASES:
+                state.feature_sums[(readout.hookpoint, phase)] = torch.zeros(m)
+                state.feature_counts[(readout.hookpoint, phase)] = torch.zeros((), dtype=torch.long)
         live = _Live(state, len(prompt), self.masker.mask(prompt), detectors)
         self.runs[req_id] = live
         self._req_of[id(state)] = req_id
         if not self.fanout.emit("on_run_start", run_id=state.run_id, model_name=self.model_name):
             state.degraded = True
         return live
-
-    def _detectors_for(self, names: Any) -> list[DetectorSpec]:
-        if names is None:
-            return self.detectors
-        wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
-        known = {d.name: d for d in self.detectors}
-        unknown = [n for n in wanted if n and n not in known]
-        if unknown:
-            logger.warning("featurewatch: %s %s names detectors this server does not run (%s); running %s",
-                           DETECTORS_KEY, unknown, ", ".join(known), [n for n in wanted if n in known])
-        return [known[n] for n in wanted if n in known]
 
     # ------------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str | None], query_start_loc: Sequence[int], positions: Tensor,
@@ -160,8 +159,9 @@ class EngineMonitor:
         fresh = tokens.position >= seen
         if not bool(fresh.all()):
             rows = rows[fresh]
-            tokens = replace(tokens, **{k: getattr(tokens, k)[fresh] for k in
-                                        ("run", "position", "completion", "read", "steerable", "token_id")})
+            tokens = replace(tokens, counts=(), **{k: getattr(tokens, k)[fresh] for k in  # counts: recounted
+                                                   ("run", "position", "completion", "read", "steerable",
+                                                    "token_id")})
         for r, tid, rd, comp in zip(tokens.run.tolist(), tokens.token_id.tolist(), tokens.read.tolist(),
                                     tokens.completion.tolist()):
             run = runs[r]
@@ -187,7 +187,17 @@ class EngineMonitor:
                     x = x + residual[rows].float()  # the residual stream after the layer
                 feats = readout.features(x)
                 scores = readout.scores(x, feats).cpu() if readout.detectors else None
-                for firing in observe(readout, step.runs, step.tokens, feats.cpu(), scores):
+                # the step's feature sums per (run, phase), added to each run's before its alerts are built
+                m, n_runs = feats.shape[1], len(step.tokens.counts)  # runs past counts have no token here
+                totals = FeatureTotals(torch.zeros(2 * n_runs, m), torch.zeros(2 * n_runs, dtype=torch.long))
+                firings = observe(readout, step.runs, step.tokens, feats.cpu(), scores, totals)
+                for r, run in enumerate(step.runs[:n_runs]):
+                    for p, phase in enumerate(PHASES):
+                        key = (readout.hookpoint, phase)
+                        if key in run.feature_sums:
+                            run.feature_sums[key] += totals.sums[2 * r + p]
+                            run.feature_counts[key] += totals.counts[2 * r + p]
+                for firing in firings:
                     self._fire(step.runs[firing.row], firing)
         except Exception as exc:  # noqa: BLE001 — fail-open policy of Monitor: the run goes on, degraded
             for run in step.runs:
@@ -214,8 +224,13 @@ class EngineMonitor:
             for run in step.runs:
                 run.degraded = True
 
-    def finish(self, req_ids: Iterable[str], *, error: bool = False) -> None:
-        """Close requests vLLM has finished: final verdicts, ``on_run_end``, results kept by request id."""
+    def finish(self, req_ids: Iterable[str], *, error: bool = False, aborted: Iterable[str] = ()) -> None:
+        """Close requests vLLM has finished: final verdicts, ``on_run_end``, results kept by request id.
+
+        ``aborted``: those of ``req_ids`` the client gave up on (a closed stream, a cancelled
+        request): outcome ``aborted``, and no end-of-run verdicts (the run did not end).
+        """
+        gave_up = set(aborted)
         for rid in req_ids:
             self.unmonitored.discard(rid)
             self.blocked.pop(rid, None)
@@ -224,20 +239,23 @@ class EngineMonitor:
                 continue
             run = live.state
             self._req_of.pop(id(run), None)
-            if not error and not run.blocked:
+            ended: Outcome = ("error" if error else "blocked" if run.blocked else "aborted" if rid in gave_up
+                              else "completed")
+            if ended == "completed":
                 for readout in self.readouts:
                     for spec in readout.detectors:
                         for phase in spec.phases:
                             pool = run.pools.get((spec.name, phase))
                             if pool is not None and pool.final():
                                 self._fire(run, Firing(0, readout, spec, phase, pool, pool.last_pos, final=True))
-            result = self._result(run, error)
+            result = self._result(run, ended)
             self.results[run.run_id] = result
             while len(self.results) > self.keep_results:
                 self.results.popitem(last=False)
+            if not self.fanout.emit("on_run_end", result):
+                result.degraded = run.degraded = True  # as the fault's log line says
             if self.keep_events:
                 self.events.append(result)
-            self.fanout.emit("on_run_end", result)
 
     def drain(self) -> list[Alert | RunResult]:
         """The alerts and results since the last call (kept only with ``keep_events``)."""
@@ -260,13 +278,12 @@ class EngineMonitor:
         if not self.fanout.alert(alert):
             run.degraded = True
 
-    def _result(self, run: RunState, error: bool) -> RunResult:
+    def _result(self, run: RunState, outcome: Outcome) -> RunResult:
         scores = {name: pool.value for name, pool in run.combined.items() if pool.n}
         phase_scores: dict[str, dict[str, float]] = {}
         for (name, phase), pool in run.pools.items():
             if pool.n:
                 phase_scores.setdefault(phase, {})[name] = pool.value
-        outcome: Outcome = "error" if error else "blocked" if run.blocked else "completed"
         return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
                          phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
                          degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())

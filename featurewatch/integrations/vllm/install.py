@@ -11,6 +11,7 @@ from ...errors import ConfigError
 from ...models import decoder_layers
 from ...pack import Pack, load_pack
 from .engine import EngineMonitor
+from .options import SERVER_DEFAULT, RequestPolicy
 from .worker import PROCESS, is_missing, patch_runner, patch_scheduler, runner_classes, tap_layers, tapped_layers
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ def external_id(req_id: str) -> str:
 
 def install(runner: Any, *, pack: Pack | str | Path, detectors: Sequence[str] | None = None,
             sinks: Sequence[Any] = (), capture_text: bool = True, fail_closed: bool = False,
-            keep_events: bool = False, model_name: str | None = None, after_start: bool = False
-            ) -> EngineMonitor | None:
+            keep_events: bool = False, model_name: str | None = None, after_start: bool = False,
+            request_policy: RequestPolicy = SERVER_DEFAULT) -> EngineMonitor | None:
     """Monitor ``runner``'s requests in this process; None on ranks that do not read (TP rank > 0, other stages).
 
     ``after_start``: the engine already ran (``attach``): layers not tapped at load time can
@@ -52,7 +53,8 @@ def install(runner: Any, *, pack: Pack | str | Path, detectors: Sequence[str] | 
     name = model_name or (served if isinstance(served, str) else served[0] if served else model_config.model)
     monitor = EngineMonitor(runner.model, tokenizer, pack=load_pack(pack) if not isinstance(pack, Pack) else pack,
                             detectors=detectors, sinks=sinks, model_name=name, capture_text=capture_text,
-                            fail_closed=fail_closed, keep_events=keep_events, external_id=external_id)
+                            fail_closed=fail_closed, keep_events=keep_events, external_id=external_id,
+                            request_policy=request_policy)
     layers = decoder_layers(runner.model)
     here = [i for i in monitor.layers if not is_missing(layers[i])]
     if not here:

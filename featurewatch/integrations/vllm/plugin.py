@@ -27,10 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .options import RequestPolicy, env_flag
+
 logger = logging.getLogger(__name__)
 
 ENV_PACK = "FEATUREWATCH_PACK"
-_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ class PluginConfig:
     """``FEATUREWATCH_FAIL_CLOSED=1``: a monitoring fault fails the step instead of marking the run degraded."""
     model_name: str | None = None
     """``FEATUREWATCH_MODEL_NAME``: the ``model_name`` label (default: vLLM's served model name)."""
+    allow_request_options: bool = False
+    """``FEATUREWATCH_ALLOW_REQUEST_OPTIONS=1``: honour ``featurewatch_off``/``featurewatch_detectors`` in requests."""
+    optional_detectors: tuple[str, ...] | None = None
+    """``FEATUREWATCH_OPTIONAL_DETECTORS``: the detectors a request may leave out (default: the non-``block`` ones)."""
+
+    @property
+    def request_policy(self) -> RequestPolicy:
+        return RequestPolicy(allow=self.allow_request_options, optional=self.optional_detectors)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PluginConfig | None:
@@ -59,22 +68,39 @@ class PluginConfig:
         if not pack:
             return None
         names = [n.strip() for n in env.get("FEATUREWATCH_DETECTORS", "").split(",") if n.strip()]
+        optional = env.get("FEATUREWATCH_OPTIONAL_DETECTORS")
         return cls(pack=pack, detectors=tuple(names) or None, alert_log=env.get("FEATUREWATCH_ALERT_LOG") or None,
-                   alert_text=env.get("FEATUREWATCH_ALERT_TEXT", "").lower() in _TRUE,
-                   metrics=env.get("FEATUREWATCH_METRICS", "1").lower() in _TRUE,
-                   fail_closed=env.get("FEATUREWATCH_FAIL_CLOSED", "").lower() in _TRUE,
-                   model_name=env.get("FEATUREWATCH_MODEL_NAME") or None)
+                   alert_text=env_flag(env, "FEATUREWATCH_ALERT_TEXT", False),
+                   metrics=env_flag(env, "FEATUREWATCH_METRICS", True),
+                   fail_closed=env_flag(env, "FEATUREWATCH_FAIL_CLOSED", False),
+                   model_name=env.get("FEATUREWATCH_MODEL_NAME") or None,
+                   allow_request_options=env_flag(env, "FEATUREWATCH_ALLOW_REQUEST_OPTIONS", False),
+                   optional_detectors=None if optional is None else
+                   tuple(n.strip() for n in optional.split(",") if n.strip()))
 
     def validate(self) -> None:
-        """Load the pack and select the detectors: raise :class:`ConfigError` naming what is valid."""
+        """Load the pack, select the detectors, open the alert log: raise :class:`ConfigError` naming the fix."""
+        from ...errors import ConfigError
         from ...pack import load_pack
 
-        load_pack(self.pack).select(list(self.detectors) if self.detectors else None)
+        selected = load_pack(self.pack).select(list(self.detectors) if self.detectors else None)
+        unknown = sorted(set(self.optional_detectors or ()) - {d.name for d in selected})
+        if unknown:
+            raise ConfigError(f"FEATUREWATCH_OPTIONAL_DETECTORS names detectors this server does not run "
+                              f"({', '.join(unknown)}); detectors: {', '.join(d.name for d in selected)}")
+        if self.alert_log:
+            try:
+                with open(self.alert_log, "a", encoding="utf-8"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"FEATUREWATCH_ALERT_LOG={self.alert_log}: cannot append to it "
+                                  f"({exc.strerror or exc}); give a writable file, or unset it to log alerts to "
+                                  "stderr") from None
 
 
 def register() -> None:
     """vLLM's general-plugin hook (called in every vLLM process, possibly more than once)."""
-    config = PluginConfig.from_env(os.environ)
+    config = PluginConfig.from_env(os.environ)  # a bad boolean raises here, naming the variable
     if config is None:
         return
     config.validate()
@@ -99,7 +125,8 @@ def _patch_load_model(cls: type, config: PluginConfig) -> None:
         from .install import install
 
         install(self, pack=config.pack, detectors=config.detectors, sinks=_sinks(config),
-                capture_text=config.alert_text, fail_closed=config.fail_closed, model_name=config.model_name)
+                capture_text=config.alert_text, fail_closed=config.fail_closed, model_name=config.model_name,
+                request_policy=config.request_policy)
         return out
 
     cls.load_model = _load_model  # type: ignore[attr-defined]

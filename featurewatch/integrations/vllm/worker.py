@@ -21,6 +21,10 @@ Why this shape:
   ``check_stop`` finishes those requests as *stopped* with the stop reason
   ``featurewatch: blocked by <detector>``: the request ends after the step that
   fired, and no other request is touched.
+* **Aborts are told apart.** The scheduler's ``finish_requests`` notes the
+  requests finished as aborted (a client closed its stream), and the next
+  scheduler output carries them (``featurewatch_aborted``) to the runner, so the
+  monitor records them ``aborted``, without end-of-run verdicts.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def patch_runner(cls: Any) -> None:
         monitor = PROCESS.monitor
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if monitor is not None and finished:
-            monitor.finish(finished)
+            monitor.finish(finished, aborted=getattr(scheduler_output, "featurewatch_aborted", ()))
         return execute_model(self, scheduler_output, *args, **kwargs)
 
     def _model_forward(self: Any, input_ids: Tensor | None = None, positions: Tensor | None = None,
@@ -153,7 +157,9 @@ def patch_scheduler() -> None:
     if getattr(sched, "_featurewatch_patched", False):
         return
     reasons: dict[str, str] = {}
+    aborted: set[str] = set()  # requests the client gave up on, until the next step's output names them
     check_stop, update = sched.check_stop, sched.Scheduler.update_from_output
+    finish_requests, schedule = sched.Scheduler.finish_requests, sched.Scheduler.schedule
 
     def _check_stop(request: Any, max_model_len: int) -> bool:
         reason = reasons.pop(request.request_id, None)
@@ -170,7 +176,25 @@ def patch_scheduler() -> None:
             reasons.update({rid: why for rid, why in blocked.items() if rid in live})
         return update(self, scheduler_output, model_runner_output)
 
+    def _finish_requests(self: Any, request_ids: Any, finished_status: Any, *args: Any, **kwargs: Any) -> Any:
+        if finished_status == RequestStatus.FINISHED_ABORTED:
+            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+            live = getattr(self, "requests", None)
+            aborted.update(r for r in ids if live is None or r in live)  # unknown ids are never finished
+        return finish_requests(self, request_ids, finished_status, *args, **kwargs)
+
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = schedule(self, *args, **kwargs)
+        finished = set(getattr(out, "finished_req_ids", None) or ())
+        if aborted & finished:
+            # an attribute, so it crosses to a worker in another process with the scheduler output
+            out.featurewatch_aborted = aborted & finished
+            aborted.difference_update(finished)
+        return out
+
     sched.check_stop = _check_stop
+    sched.Scheduler.finish_requests = _finish_requests
+    sched.Scheduler.schedule = _schedule
     sched.Scheduler.update_from_output = _update_from_output
     sched._featurewatch_patched = True
 
