@@ -9,7 +9,7 @@ Steps (each reads the previous one's output under runs/recal/):
            per-phase thresholds on each hard-negative group (calibration.thresholds), write specs
   report   held-out table per detector / group / wrapper / phase (calibration.report)
 
-Usage: python examples/recalibrate.py [--data DIR] [--steps build,extract,fit,report]
+Usage: python examples/recalibrate.py [--data DIR] [--steps build,extract,fit,report] [--pack DIR]
 The data directory (default $DATA or ../shared/data) must hold dev/*.jsonl and corpus/.
 """
 
@@ -192,6 +192,8 @@ def main() -> int:
     ap.add_argument("--steps", default="build,extract,fit,report")
     ap.add_argument("--sets", default=",".join(SETS), help="sets to extract")
     ap.add_argument("--only", default="", help="detectors to fit/report (default: all four)")
+    ap.add_argument("--pack", default=str(ROOT / "detectors" / "smollm2-135m-instruct"),
+                    help="pack whose SAE the detectors read and where their specs go (default: the default pack)")
     ap.add_argument("--allow-missing", action="store_true", help="fit on the sets already extracted (debugging)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -213,7 +215,7 @@ def main() -> int:
 
         run(
             OUT,
-            ROOT / "detectors" / "smollm2-135m-instruct",
+            Path(args.pack),
             {name: MAX_TOKENS.get(name, 128) for name in SETS},
             fit="fit" in steps,
             report="report" in steps,
