@@ -8,6 +8,7 @@ screenshot — are plain HTTP calls to ``chromedriver``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -134,10 +135,8 @@ class Driver:
         return p
 
     def quit(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the browser may be gone already
             self.cmd("DELETE", "")
-        except Exception:  # noqa: BLE001 — the browser may be gone already
-            pass
         self.proc.terminate()
         try:
             self.proc.wait(10)

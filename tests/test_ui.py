@@ -135,6 +135,11 @@ def test_a_run_streams_its_tokens_with_the_monitors_scores_then_its_alerts(ui: A
     truth = session.token_scores(0)
     for name in ("demo", "always"):
         assert [t["s"][name] for t in tokens] == pytest.approx(truth[name], abs=1e-4)
+    # and those are the detector's formula, bias + Σ wᵢ·aᵢ, over the watched features the monitor read
+    spec = monitor.pack.detectors["demo"]
+    by_hand = [spec.bias + sum(f.weight * r.features.get(f.id, 0.0) for f in spec.features)
+               for r in session.readings(0)]
+    assert truth["demo"] == pytest.approx(by_hand, abs=1e-4)
     assert len(tokens) > 1 and any(t["ph"] == "completion" for t in tokens)
     # an alert comes right after the tokens that made it fire, at the position where it fired
     alerts = [(i, d) for i, (k, d, _) in enumerate(got) if k == "alert"]
@@ -142,7 +147,8 @@ def test_a_run_streams_its_tokens_with_the_monitors_scores_then_its_alerts(ui: A
     for i, d in alerts:
         sent = max(t["p"] for k, e, _ in got[:i] if k == "tokens" for t in e["tokens"])
         assert d["position"] <= sent
-        assert d["evidence"] and d["evidence"][0]["feature"] == 1 and d["evidence"][0]["label"] in {"one", "feature one"}
+        assert d["evidence"] and d["evidence"][0]["feature"] == 1
+        assert d["evidence"][0]["label"] in {"one", "feature one"}  # the spec's label, else the pack's
     done = got[-1][1]
     assert done["outcome"] == "completed" and set(done["scores"]) == {"demo", "always"}
     assert [u["p"] for u in done["unread"]] == [len(tokens)]  # the last token is generated, never read
@@ -154,8 +160,8 @@ def test_token_feature_and_detector_answers(ui: Any) -> None:
     got = events(server, started["run_id"])
     content = next(t for k, d, _ in got if k == "tokens" for t in d["tokens"] if not t["x"])
     status, tok = call(server, "GET", f"/api/runs/{started['run_id']}/tokens/{content['p']}")
-    assert status == 200 and tok["token"] == content["t"] and tok["scores"]["demo"] == pytest.approx(content["s"]["demo"],
-                                                                                                     abs=1e-4)
+    assert status == 200 and tok["token"] == content["t"]
+    assert tok["scores"]["demo"] == pytest.approx(content["s"]["demo"], abs=1e-4)
     feats = tok["hookpoints"][0]["features"]
     assert feats and feats == sorted(feats, key=lambda f: -f["activation"])
     one = next((f for f in feats if f["feature"] == 1), None)
@@ -177,7 +183,8 @@ def test_token_feature_and_detector_answers(ui: Any) -> None:
     ("POST", "/api/runs", {"prompt": "hi", "max_new_tokens": 10_000}, 400, "max_new_tokens"),
     ("POST", "/api/runs", {"prompt": [{"role": "robot", "content": "x"}]}, 400, "message 0"),
     ("POST", "/api/runs", [1, 2], 400, "a JSON object"),
-    ("GET", "/api/features/layers.1/99", None, 404, "feature 99 is out of range; the SAE at layers.1 has features 0 … 7"),
+    ("GET", "/api/features/layers.1/99", None, 404,
+     "feature 99 is out of range; the SAE at layers.1 has features 0 … 7"),
     ("GET", "/api/features/layers.1/x", None, 404, "not an integer"),
     ("GET", "/api/features/layers.9/1", None, 404, "no SAE at 'layers.9'"),
     ("GET", "/api/detectors/nope", None, 404, "no detector 'nope'; valid: always, demo"),

@@ -332,9 +332,9 @@ class UIApp(BaseSink):
             features = []
             for f, a in sorted(acts.items(), key=lambda kv: -kv[1]):
                 contributions = {name: ws[f] * a for name, ws in weights.items() if f in ws}
-                features.append({"feature": f, "activation": a,
-                                 "label": self.pack.label(readout.hookpoint, f) if self.pack else None,
-                                 "max_activation": self.pack.max_activation(readout.hookpoint, f) if self.pack else None,
+                pack, hp = self.pack, readout.hookpoint
+                features.append({"feature": f, "activation": a, "label": pack.label(hp, f) if pack else None,
+                                 "max_activation": pack.max_activation(hp, f) if pack else None,
                                  "contributions": contributions,
                                  "shares": {k: (abs(c) / totals[k] if totals[k] else None)
                                             for k, c in contributions.items()}})
