@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ._common import POSITIVE, add_model_args, build_monitor, check_input, load_pack_checked, open_output, progress
@@ -47,9 +48,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         names = [d.name for d in monitor.detectors]
         bar = progress()(total=len(records), desc="score", unit="rec")
         try:
-            for record, run, tokens in score_with_tokens(monitor, records, batch_size=args.batch_size,
-                                                         max_tokens=args.max_tokens, on_batch=bar.update,
-                                                         tokens=args.token_scores):
+            kw: dict[str, Any] = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, on_batch=bar.update)
+            rows: Iterator[tuple[Any, Any, Any]] = (
+                score_with_tokens(monitor, records, **kw) if args.token_scores
+                else ((record, run, None) for record, run in monitor.score_records(records, **kw)))
+            for record, run, tokens in rows:
                 out.write(ScoreRow.from_run(record, run, names, tokens=tokens).to_json() + "\n")
                 out.flush()  # one line at a time: a killed run keeps every row written so far
         finally:
