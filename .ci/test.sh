@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (venv, model, Prometheus + Alertmanager), lint and type-check,
-# then run the whole suite.
+# Set up everything the tests need (venv, model, Prometheus + Alertmanager, headless Chromium), lint and
+# type-check, then run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup.sh
 bash .ci/install-servers.sh
+bash .ci/install-browser.sh  # chromium + chromedriver for tests/test_ui.py
 bash .ci/setup-vllm.sh  # .venv-vllm for tests/test_vllm.py (vLLM in its own venv)
 echo "test: ruff" >&2
 .venv/bin/python -m ruff check featurewatch tests benchmarks examples

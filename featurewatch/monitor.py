@@ -305,7 +305,7 @@ class Monitor:
         feats = readout.features(x)
         scores = readout.scores(x, feats).cpu() if readout.detectors else None
         feats_cpu = feats.cpu()
-        session.keep(readout.hookpoint, tokens, feats_cpu, x if session.top_features else None)
+        session.keep(readout.hookpoint, tokens, feats_cpu, x if session.top_features else None, scores)
         for firing in observe(readout, session.rows, tokens, feats_cpu, scores, session.totals.get(readout.hookpoint)):
             self._fire(session, firing)
         delta = None

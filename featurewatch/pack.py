@@ -97,6 +97,27 @@ class Pack:
         info = self.features.get(hookpoint, {}).get(feature)
         return info.max_activation if info and info.max_activation > 0 else None
 
+    def feature_summary(self, hookpoint: str, feature: int) -> dict[str, Any]:
+        """What the pack knows of one feature: label, statistics, stored top contexts, the detectors reading it.
+
+        ``hookpoint`` must have an SAE in the pack and ``feature`` be in its range (else
+        :class:`ConfigError` / :class:`FeatureOutOfRange` naming the valid ones).
+        """
+        sae = self.saes.get(hookpoint)
+        if sae is None:
+            raise ConfigError(f"pack {self.name} has no SAE at {hookpoint!r}; valid: {', '.join(self.saes)}")
+        if not 0 <= feature < sae.d_sae:
+            raise FeatureOutOfRange(f"feature {feature} is out of range; the SAE at {hookpoint} has features "
+                                    f"0 … {sae.d_sae - 1}")
+        info = self.features.get(hookpoint, {}).get(feature)
+        used_by = [{"detector": d.name, "weight": f.weight} for d in self.detectors.values()
+                   if normalize_hookpoint(d.hookpoint) == hookpoint for f in d.features if f.id == feature]
+        return {"feature": feature, "hookpoint": hookpoint, "d_sae": sae.d_sae,
+                "label": info.label if info else None,
+                "max_activation": info.max_activation if info else None,
+                "density": info.density if info else None, "used_by": used_by,
+                "top_contexts": list(info.top_contexts) if info else []}
+
     def probe_weight(self, spec: DetectorSpec) -> torch.Tensor:
         """The ``(d_model,)`` weight of a probe detector."""
         path = confined(self.path, str(spec.probe_weights), what=f"detector {spec.name!r} probe_weights")

@@ -40,6 +40,18 @@ class ScoreAlert(BaseModel):
     text: str | None = None
 
 
+class ScoreToken(BaseModel):
+    """One token of a scored record (``featurewatch score --token-scores``), as the page's live stream sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    p: int = Field(description="position in the rendered record")
+    t: str = Field(description="the token's text")
+    ph: Phase = Field(description="phase")
+    x: bool = Field(description="excluded: not read by detectors (markup, system prompt, special tokens)")
+    s: dict[str, float] = Field(default_factory=dict, description="per-token score of each detector")
+
+
 class ScoreRow(BaseModel):
     """One output line of ``featurewatch score``: a record's id, scores and alerts."""
 
@@ -49,28 +61,41 @@ class ScoreRow(BaseModel):
     scores: dict[str, float | None] = Field(description="every detector; null when no token was scoreable")
     phase_scores: dict[str, dict[str, float]] = Field(default_factory=dict)
     alerts: list[ScoreAlert] = Field(default_factory=list)
+    tokens: list[ScoreToken] | None = Field(default=None, description="per-token scores (--token-scores only)")
 
     @classmethod
     def from_run(cls, record: Record, run: RunResult, detectors: Sequence[str], *,
-                 include_text: bool = True) -> ScoreRow:
+                 include_text: bool = True, tokens: list[ScoreToken] | None = None) -> ScoreRow:
         """The score line of a record from its run result."""
         return cls(id=record.id, scores={d: run.scores.get(d) for d in detectors}, phase_scores=run.phase_scores,
                    alerts=[ScoreAlert(detector=a.detector, phase=a.phase, score=a.score, threshold=a.threshold,
                                       span=a.span, evidence=list(a.evidence),
-                                      text=a.text if include_text else None) for a in run.alerts])
+                                      text=a.text if include_text else None) for a in run.alerts],
+                   tokens=tokens)
 
     def to_json(self) -> str:
-        """One JSON line (``text`` left out of alerts where it was not captured)."""
+        """One JSON line (``text`` left out of alerts where it was not captured, ``tokens`` unless asked for)."""
         row: dict[str, Any] = self.model_dump(mode="json")
         for alert in row["alerts"]:
             if alert["text"] is None:
                 del alert["text"]
+        if row["tokens"] is None:
+            del row["tokens"]
         return json.dumps(row, ensure_ascii=False)
 
 
 def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                   on_batch: Callable[[int], Any] | None = None) -> Iterator[tuple[Record, RunResult]]:
     """Score records in order, ``batch_size`` at a time; see :meth:`Monitor.score_records`."""
+    for record, run, _ in score_with_tokens(monitor, records, batch_size=batch_size, max_tokens=max_tokens,
+                                            on_batch=on_batch, tokens=False):
+        yield record, run
+
+
+def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+                      on_batch: Callable[[int], Any] | None = None, tokens: bool = True
+                      ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
+    """:func:`score_records`, with each record's tokens and their per-token detector scores (when ``tokens``)."""
     tok = monitor.tokenizer
     if tok is None:
         raise ConfigError("score_records() needs the tokenizer; pass it to Monitor(model, tokenizer, ...)")
@@ -85,17 +110,18 @@ def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: in
     for record in records:
         batch.append(record)
         if len(batch) == batch_size:
-            yield from _score_batch(monitor, batch, max_tokens)
+            yield from _score_batch(monitor, batch, max_tokens, tokens)
             if on_batch:
                 on_batch(len(batch))
             batch = []
     if batch:
-        yield from _score_batch(monitor, batch, max_tokens)
+        yield from _score_batch(monitor, batch, max_tokens, tokens)
         if on_batch:
             on_batch(len(batch))
 
 
-def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int) -> Iterator[tuple[Record, RunResult]]:
+def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int, tokens: bool
+                 ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
     rendered = [render(r, monitor.tokenizer, max_tokens=max_tokens) for r in batch]
     ids, mask = pad_right([r.ids for r in rendered], monitor.tokenizer.pad_token_id)
     device = next(monitor.model.parameters()).device
@@ -103,4 +129,14 @@ def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int) -> Iter
                               content=[r.content for r in rendered], stop_after_deepest=True)
     with session, torch.inference_mode(), contextlib.suppress(_StopForward):
         monitor.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    yield from zip(batch, session.results())
+    for r, (record, run) in enumerate(zip(batch, session.results())):
+        yield record, run, (_tokens(monitor, session, r, len(rendered[r].ids)) if tokens else None)
+
+
+def _tokens(monitor: Monitor, session: Any, r: int, n: int) -> list[ScoreToken]:
+    row = session.rows[r]
+    scores = session.token_scores(r)
+    decode = monitor.tokenizer.decode
+    return [ScoreToken(p=p, t=decode([row.token_ids[p]]), ph="completion" if row.completion[p] else "prompt",
+                       x=not row.read[p], s={k: round(v[p], 5) for k, v in scores.items() if p < len(v)})
+            for p in range(min(n, len(row.token_ids)))]

@@ -59,6 +59,7 @@ class RunState:
     completion: list[bool] = field(default_factory=list)
     watched: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, m) chunks
     residuals: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, d) fp16 chunks
+    scores: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, n_det) per-token scores
     pools: dict[tuple[str, str], PhasePool] = field(default_factory=dict)  # (detector, phase)
     combined: dict[str, PhasePool] = field(default_factory=dict)  # detector -> all watched phases
     # (hookpoint, phase) -> views into the session's FeatureTotals: (m,) sums and 0-d token counts
@@ -174,8 +175,10 @@ class Session:
             row.completion.extend(completion[start:end])
             start = end
 
-    def keep(self, hookpoint: str, tokens: StepTokens, feats: Tensor, residuals: Tensor | None) -> None:
-        """Keep a step's watched features (CPU) and, when readings want top features, its residuals.
+    def keep(self, hookpoint: str, tokens: StepTokens, feats: Tensor, residuals: Tensor | None,
+             scores: Tensor | None = None) -> None:
+        """Keep a step's watched features and per-token detector scores (CPU) and, when readings want
+        top features, its residuals.
 
         Each run gets a view of the step's tensors (its rows are consecutive, see
         :class:`~featurewatch.positions.StepTokens`); residuals are halved where they are and
@@ -183,12 +186,15 @@ class Session:
         """
         counts = list(tokens.counts)
         chunks = feats.split(counts) if len(counts) > 1 else (feats,)
+        score_chunks = (scores.split(counts) if len(counts) > 1 else (scores,)) if scores is not None else ()
         kept: Sequence[Tensor] = ()
         if residuals is not None:
             half = residuals.detach().half().cpu()
             kept = half.split(counts) if len(counts) > 1 else (half,)
         for r, row in enumerate(self.rows):
             row.watched.setdefault(hookpoint, []).append(chunks[r])
+            if scores is not None:
+                row.scores.setdefault(hookpoint, []).append(score_chunks[r])
             if residuals is not None:
                 row.residuals.setdefault(hookpoint, []).append(kept[r])
 
@@ -233,6 +239,21 @@ class Session:
                                     not run.read[pos],
                                     {readout.feature_ids[i]: float(acts_at[i]) for i in acts_at.nonzero().flatten()},
                                     top))
+        return out
+
+    def token_scores(self, row: int = 0, start: int = 0) -> dict[str, list[float]]:
+        """Per-token scores of every detector (``bias + Σ wᵢ·aᵢ``, the values the pools took in) for
+        one batch row, from position ``start`` on; a position its hookpoint did not read yet is missing
+        (each list is as long as that hookpoint's readings)."""
+        run = self.rows[row]
+        out: dict[str, list[float]] = {}
+        for readout in self.readouts:
+            chunks = run.scores.get(readout.hookpoint)
+            if not readout.detectors:
+                continue
+            table = torch.cat(chunks)[start:] if chunks else torch.zeros(0, len(readout.detectors))
+            for j, spec in enumerate(readout.detectors):
+                out[spec.name] = table[:, j].tolist()
         return out
 
     def _readout(self, hookpoint: str | None) -> Readout:

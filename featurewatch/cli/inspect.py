@@ -44,13 +44,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                             n_records=args.records, progress=progress())
     out = []
     for feature in args.features:
-        info = pack.features.get(hp, {}).get(feature)
-        used_by = [d.name for d in pack.detectors.values() if any(f.id == feature for f in d.features)]
+        summary = pack.feature_summary(hp, feature)
         out.append({"feature": feature, "hookpoint": hp, "name": feature_name(pack, hp, feature, 200),
-                    "label": info.label if info else None,
-                    "max_activation": info.max_activation if info else None,
-                    "density": info.density if info else None, "used_by": used_by,
-                    "top_contexts": live.get(feature, []) if corpus else (list(info.top_contexts) if info else [])})
+                    "label": summary["label"], "max_activation": summary["max_activation"],
+                    "density": summary["density"], "used_by": [u["detector"] for u in summary["used_by"]],
+                    "top_contexts": live.get(feature, []) if corpus else summary["top_contexts"]})
     if args.json:
         for row in out:
             print(json.dumps(row, ensure_ascii=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ._common import POSITIVE, add_model_args, build_monitor, check_input, load_pack_checked, open_output, progress
@@ -22,13 +23,15 @@ def register(sub: Any) -> None:
     p.add_argument("--max-tokens", type=POSITIVE, default=512,
                    help="tokens kept per record (>= 1; the reply is kept first)")
     p.add_argument("--no-text", action="store_true", help="leave alert span text out of the output")
+    p.add_argument("--token-scores", action="store_true",
+                   help="add each record's tokens with their per-token detector scores (for `featurewatch ui`)")
     add_model_args(p)
     p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from ..records import iter_records
-    from ..scoring import ScoreRow
+    from ..scoring import ScoreRow, score_with_tokens
 
     skipped: list[Exception] = []
 
@@ -45,9 +48,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         names = [d.name for d in monitor.detectors]
         bar = progress()(total=len(records), desc="score", unit="rec")
         try:
-            for record, run in monitor.score_records(records, batch_size=args.batch_size,
-                                                     max_tokens=args.max_tokens, on_batch=bar.update):
-                out.write(ScoreRow.from_run(record, run, names).to_json() + "\n")
+            kw: dict[str, Any] = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, on_batch=bar.update)
+            rows: Iterator[tuple[Any, Any, Any]] = (
+                score_with_tokens(monitor, records, **kw) if args.token_scores
+                else ((record, run, None) for record, run in monitor.score_records(records, **kw)))
+            for record, run, tokens in rows:
+                out.write(ScoreRow.from_run(record, run, names, tokens=tokens).to_json() + "\n")
                 out.flush()  # one line at a time: a killed run keeps every row written so far
         finally:
             bar.close()
