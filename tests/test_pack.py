@@ -119,3 +119,22 @@ def test_a_fifo_in_the_pack_is_refused_instead_of_hanging(tmp_path: Path) -> Non
 
 def test_the_shipped_pack_still_loads() -> None:
     assert "scam-email" in load_pack().detectors
+
+
+def test_the_safety_pack_ships_a_16k_sae_within_its_quality_targets_and_size() -> None:
+    """The safety-dense SAE (issue 16) ships as its own pack, whole, with its report and calibrated detectors."""
+    assert "smollm2-135m-instruct-safety" in list_packs()
+    pack = load_pack("smollm2-135m-instruct-safety")
+    sae = pack.saes["layers.15"]
+    assert (sae.d_in, sae.d_sae) == (576, 16384)
+    report = json.loads((pack.path / "sae" / "layers.15" / "report.json").read_text())
+    chat = report["per_corpus"]["chat_train"]  # held-out ordinary chat: the targets the 4,608-feature SAE met
+    assert chat["fvu"] <= 0.20 and chat["ce_increase"] <= 0.30 and chat["dead_fraction"] <= 0.05
+    assert 20 <= chat["l0"] <= 80 and report["trained_tokens"] >= 4_000_000
+    assert all(d.calibration is not None and d.hookpoint == "layers.15" for d in pack.select(None))
+    size = sum(f.stat().st_size for f in pack.path.rglob("*") if f.is_file())
+    sae_size = sum(f.stat().st_size for f in (pack.path / "sae").rglob("*") if f.is_file())
+    assert size <= 50e6 and sae_size <= 40e6, (size, sae_size)
+    used = {f.id for d in pack.detectors.values() if d.kind == "sae" for f in d.features}
+    contexts = {i: len(info.top_contexts) for i, info in pack.features["layers.15"].items()}
+    assert max(contexts[i] for i in set(contexts) - used) <= 2  # fewer contexts for the rest of the dictionary

@@ -80,7 +80,7 @@ def static_file(name: str) -> bytes | None:
     """A shipped asset's bytes, or None (names are plain file names: no directories)."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
-    entry = resources.files("featurewatch.ui").joinpath("static", name)
+    entry = resources.files("featurewatch.ui").joinpath("static").joinpath(name)
     return entry.read_bytes() if entry.is_file() else None
 
 
