@@ -85,7 +85,7 @@ def analyse(rows: PhaseRows, info: dict[int, dict], top: int) -> dict[str, Any]:
     for name, concept in CONCEPTS.items():
         fit = {c: aurocs(*cell_xy(rows, concept, c, ~held)) for c in CELLS}
         test = {c: aurocs(*cell_xy(rows, concept, c, held)) for c in CELLS}
-        n = {c: dict(zip(("pos", "neg"), np.bincount(cell_xy(rows, concept, c, held)[1], minlength=2).tolist()))
+        n = {c: dict(zip(("neg", "pos"), np.bincount(cell_xy(rows, concept, c, held)[1], minlength=2).tolist()))
              for c in CELLS}
         # rank on the fit split by the weakest of the cells the concept has
         have = [c for c in CELLS if fit[c] is not None]
