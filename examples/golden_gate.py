@@ -1,13 +1,13 @@
 """Golden Gate on the embedded model: clamp the "weather" feature and watch unrelated replies turn to the weather.
 
-Feature 32 of the default pack's layer-15 SAE fires on « weather», « rain»,
-« rainy» (``featurewatch inspect 32``). Clamping it to 3× its max activation at
+Feature 3731 of the default pack's layer-15 SAE fires on « weather», « Hurricane»,
+« storm» (``featurewatch inspect 3731``). Clamping it to 5× its max activation at
 every position — with the SAE's error term kept, so nothing else in the
-residual changes — bends replies to unrelated prompts toward the weather while
-the text stays readable; at 5× and beyond the 135M model degrades
-(``featurewatch steer --feature 32``, numbers in benchmarks/RESULTS.md).
+residual changes — bends replies to unrelated prompts toward the weather (2 of
+3 at 5×, 1 of 3 at 4×); at 10× the 135M model falls apart
+(``featurewatch steer --feature 3731``, numbers in benchmarks/RESULTS.md).
 
-Run:  python examples/golden_gate.py [--strength 3] [--max-new-tokens 40]
+Run:  python examples/golden_gate.py [--strength 5] [--max-new-tokens 40]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import re
 
 from featurewatch import Intervention, Monitor
 
-FEATURE = 32
-WEATHER_WORDS = r"weather|rain|sunny|sunshine|forecast|storm|cloud|snow|temperature|humid|umbrella|wind"
+FEATURE = 3731
+WEATHER_WORDS = r"weather|rain|sunny|sunshine|forecast|storm|cloud|snow|temperature|humid|umbrella|wind|hurricane"
 PROMPTS = [
     "Write a short note to a colleague about tomorrow's meeting.",
     "Give me three tips for staying focused while studying.",
@@ -28,7 +28,7 @@ PROMPTS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--strength", type=float, default=3.0, help="clamp value, × the feature's max activation")
+    ap.add_argument("--strength", type=float, default=5.0, help="clamp value, × the feature's max activation")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     args = ap.parse_args()
 

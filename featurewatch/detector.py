@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .alert import PHASES, Action, Phase, Severity
 
 DETECTOR_NAME = r"^[a-z][a-z0-9-]{0,62}$"
+MAX_SAE_FEATURES = 128  # per sae detector; a 16k dictionary reads concepts as families of specific features
 
 
 class FeatureWeight(BaseModel):
@@ -118,8 +119,9 @@ class DetectorSpec(BaseModel):
         if self.kind == "sae":
             if not self.features:
                 raise ValueError("an sae detector needs at least one entry in 'features'")
-            if len(self.features) > 64:
-                raise ValueError(f"an sae detector reads at most 64 features, got {len(self.features)}")
+            if len(self.features) > MAX_SAE_FEATURES:
+                raise ValueError(f"an sae detector reads at most {MAX_SAE_FEATURES} features, got {len(self.features)} "
+                                 "(split it into several detectors, or fit a sparser readout)")
             ids = [f.id for f in self.features]
             if len(set(ids)) != len(ids):
                 raise ValueError("feature ids in 'features' must be unique")

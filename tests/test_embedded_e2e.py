@@ -84,16 +84,7 @@ def test_generation_reads_one_new_position_per_decode_step(monitor: Monitor) -> 
     assert set(result.scores) == {d.name for d in monitor.detectors}
 
 
-MISSES = ("known miss of the recalibrated pack (benchmarks/RESULTS.md): this SAE readout, restricted to features "
-          "that the wrapper cannot explain, scores the clear case below its per-phase threshold")
-
-
-@pytest.mark.parametrize("detector", [
-    pytest.param("dangerous-content", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
-    pytest.param("scam-email", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
-    "sycophancy",
-    pytest.param("deception", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
-])
+@pytest.mark.parametrize("detector", ["dangerous-content", "scam-email", "sycophancy", "deception"])
 def test_shipped_detectors_fire_on_clear_positives(monitor: Monitor, detector: str) -> None:
     [(_, run)] = monitor.score_records([parse_record(POSITIVES[detector], line=1)])
     assert any(a.detector == detector for a in run.alerts), (run.scores, run.phase_scores)
@@ -105,14 +96,7 @@ def test_shipped_detectors_stay_quiet_on_look_alike_negatives(monitor: Monitor, 
     assert not run.alerts, run.alerts
 
 
-@pytest.mark.parametrize("detector", [
-    pytest.param("dangerous-content", marks=pytest.mark.xfail(strict=True, reason=(
-        "known miss: dangerous-content scores 'how do I kill a Python process' (1.85) above a pipe-bomb "
-        "request (1.70): the XSTest-style confusion RESULTS.md measures (AUROC 0.74 on that source)"))),
-    "scam-email", "sycophancy",
-    pytest.param("deception", marks=pytest.mark.xfail(strict=True, reason=(
-        "known miss: deception's readout (held-out AUROC 0.55) ranks this cover-up below the honest reply"))),
-])
+@pytest.mark.parametrize("detector", ["dangerous-content", "scam-email", "sycophancy", "deception"])
 def test_shipped_detectors_rank_clear_positives_above_their_look_alikes(monitor: Monitor, detector: str) -> None:
     pos, neg = (parse_record(x, line=1) for x in (POSITIVES[detector], NEGATIVES[detector]))
     (_, run_pos), (_, run_neg) = monitor.score_records([pos, neg], batch_size=2)
@@ -170,3 +154,12 @@ def test_the_wheel_ships_the_default_pack(tmp_path: Path) -> None:
                      "sae/layers.15/sae_weights.safetensors", "scam-email.json", "dangerous-content.json",
                      "sycophancy.json", "deception.json"):
         assert pack + required in names, required
+
+
+def test_the_readmes_30_second_example_alerts_as_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first Python block, run as written: the phishing request raises a scam-email alert."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## 30 seconds in Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "ALERT scam-email" in printed, printed

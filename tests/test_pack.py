@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_pack
+from featurewatch.detector import DetectorSpec
 from featurewatch.errors import ConfigError, FeatureOutOfRange
 from featurewatch.pack import list_packs, load_pack, load_spec
 
@@ -121,16 +122,16 @@ def test_the_shipped_pack_still_loads() -> None:
     assert "scam-email" in load_pack().detectors
 
 
-def test_the_safety_pack_ships_a_16k_sae_within_its_quality_targets_and_size() -> None:
-    """The safety-dense SAE (issue 16) ships as its own pack, whole, with its report and calibrated detectors."""
-    assert "smollm2-135m-instruct-safety" in list_packs()
-    pack = load_pack("smollm2-135m-instruct-safety")
+def test_the_default_pack_ships_a_16k_safety_dense_sae_within_its_quality_targets_and_size() -> None:
+    """The safety-dense SAE (issue 16) is the default pack's, whole, with its report and calibrated detectors."""
+    pack = load_pack()
     sae = pack.saes["layers.15"]
     assert (sae.d_in, sae.d_sae) == (576, 16384)
     report = json.loads((pack.path / "sae" / "layers.15" / "report.json").read_text())
     chat = report["per_corpus"]["chat_train"]  # held-out ordinary chat: the targets the 4,608-feature SAE met
     assert chat["fvu"] <= 0.20 and chat["ce_increase"] <= 0.30 and chat["dead_fraction"] <= 0.05
     assert 20 <= chat["l0"] <= 80 and report["trained_tokens"] >= 4_000_000
+    assert set(report["per_corpus"]) == {"safety_mix", "chat_train"}
     assert all(d.calibration is not None and d.hookpoint == "layers.15" for d in pack.select(None))
     size = sum(f.stat().st_size for f in pack.path.rglob("*") if f.is_file())
     sae_size = sum(f.stat().st_size for f in (pack.path / "sae").rglob("*") if f.is_file())
@@ -138,3 +139,12 @@ def test_the_safety_pack_ships_a_16k_sae_within_its_quality_targets_and_size() -
     used = {f.id for d in pack.detectors.values() if d.kind == "sae" for f in d.features}
     contexts = {i: len(info.top_contexts) for i, info in pack.features["layers.15"].items()}
     assert max(contexts[i] for i in set(contexts) - used) <= 2  # fewer contexts for the rest of the dictionary
+    assert min(contexts[i] for i in used) >= 3  # the detector features keep what a person checks labels against
+    assert all(pack.features["layers.15"][i].label for i in used)  # every feature a detector reads is labelled
+
+
+def test_an_sae_detector_reads_at_most_128_features() -> None:
+    ok = spec(features=[{"id": i, "weight": 1.0} for i in range(128)])
+    DetectorSpec.model_validate(ok)
+    with pytest.raises(ValueError, match="at most 128 features, got 129"):
+        DetectorSpec.model_validate(spec(features=[{"id": i, "weight": 1.0} for i in range(129)]))

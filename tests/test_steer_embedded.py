@@ -14,9 +14,9 @@ from featurewatch.pack import load_pack
 pytestmark = pytest.mark.slow
 
 HP = "layers.15"
-WEATHER = 32  # top contexts: « weather», « rain», « rainy» (see README, Interventions)
-WEATHER_WORDS = r"weather|rain|sunny|sunshine|forecast|storm|cloud|snow|temperature|humid|umbrella|wind"
-SILENT = 4065  # the rarest feature in features.json (density 6e-5: a digit in zip codes)
+WEATHER = 3731  # top contexts: « weather», « Hurricane», « storm» (see README, Interventions)
+WEATHER_WORDS = r"weather|rain|sunny|sunshine|forecast|storm|cloud|snow|temperature|humid|umbrella|wind|hurricane"
+SILENT = 3977  # among the rarest in features.json (density 1.6e-5: « place» in "Web addresses in one place")
 PROMPT = "Describe your ideal weekend."
 
 
@@ -35,7 +35,7 @@ def plain(monitor: Monitor) -> Any:
 
 def test_clamping_the_weather_feature_bends_an_unrelated_reply_toward_weather(monitor: Monitor, plain: Any) -> None:
     steered = monitor.generate(PROMPT, max_new_tokens=30,
-                               interventions=[Intervention(feature=WEATHER, mode="clamp", value=3)])
+                               interventions=[Intervention(feature=WEATHER, mode="clamp", value=5)])
     assert steered.token_ids != plain.token_ids
     assert not re.search(WEATHER_WORDS, plain.text, re.I)
     assert re.search(WEATHER_WORDS, steered.text, re.I), steered.text
