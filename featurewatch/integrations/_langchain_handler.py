@@ -49,7 +49,7 @@ from langchain_core.messages import BaseMessage
 
 from ..alert import Alert, RunResult
 from ..errors import ConfigError, GenerationBlocked
-from ..generation import GenerationResult
+from ..generation import GenerationResult, StopBlocked, blocked_error, generation_results
 from ..records import Rendered, render_chat, render_text
 from ..session import Session, current_session
 from ._langchain_common import router_for, to_chat
@@ -160,23 +160,13 @@ class _Binder:
         for r, hit in enumerate(claims):
             if hit:
                 hit[0].session, hit[0].row = session, r
-
-        class _Blocked:
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-                return torch.tensor([row.blocked for row in session.rows], device=input_ids.device)
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), _Blocked()])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                            StopBlocked(session)])
         try:
             with session:
                 out = original(*args, **kwargs)
             sequences = out.sequences if hasattr(out, "sequences") else out
-            tok = self.monitor.tokenizer
-            results = []
-            for r in range(len(rows)):
-                new = sequences[r, width:].tolist()
-                results.append(GenerationResult(run=session.result(r), prompt=tok.decode(rows[r]),
-                                                text=tok.decode(new, skip_special_tokens=True), token_ids=new,
-                                                session=session, row=r))
+            results = generation_results(session, rows, sequences, width, self.monitor.tokenizer)
             for hit in claims:
                 if hit:
                     hit[0].results = results
@@ -206,11 +196,13 @@ def _withhold(response: Any, run: _Run) -> None:
 
 
 def _blocked_error(run: _Run) -> GenerationBlocked:
-    results = run.results or ([GenerationResult(run=run.session.result(run.row), prompt="", text="", token_ids=[],
-                                                session=run.session, row=run.row)]
-                                if isinstance(run.session, Session) else [])
-    alerts = run.session.rows[run.row].alerts if isinstance(run.session, Session) else []
-    return GenerationBlocked(next(a for a in alerts if a.action == "block"), results)
+    """The error of a blocked run (its ``generate`` call's results, or the run alone if it has none yet)."""
+    assert isinstance(run.session, Session)
+    if run.results:
+        return blocked_error(run.results[run.row], run.results)
+    alone = GenerationResult(run=run.session.result(run.row), prompt="", text="", token_ids=[], session=run.session,
+                             row=run.row)
+    return blocked_error(alone, [alone])
 
 
 class FeatureWatchCallbackHandler(BaseCallbackHandler):
