@@ -36,23 +36,25 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 
-from ..alert import Alert, RunResult
-from ..errors import ConfigError, GenerationBlocked
-from ..generation import GenerationResult, StopBlocked, blocked_error, generation_results
-from ..records import Rendered, render_chat, render_text
-from ..session import Session, current_session
-from ._langchain_common import router_for, to_chat
+from ...alert import Alert, RunResult
+from ...errors import ConfigError, GenerationBlocked
+from ...generation import GenerationResult, StopBlocked, blocked_error, generation_results
+from ...records import Rendered, render_chat, render_text
+from ...session import Session, current_session
+from .common import PerMonitor, router_for, to_chat
+
+if TYPE_CHECKING:
+    from ...monitor import Monitor
 
 logger = logging.getLogger(__name__)
 MODES = ("shadow", "enforce")
@@ -90,11 +92,12 @@ def _claim(row: list[int], rendered: Rendered, special: set[int]) -> int | None:
 class _Binder:
     """Wraps one model's ``generate`` while LangChain runs are pending, and binds each call to its runs."""
 
-    def __init__(self, monitor: Any) -> None:
+    def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
+        self.model: Any = monitor.model  # nn.Module's stub does not know generate()
         self.pending: list[_Run] = []
         self.lock = threading.Lock()
-        self.original = monitor.model.generate
+        self.original: Any = self.model.generate
         self._saved: Any = None
         self._installed = False
 
@@ -102,7 +105,7 @@ class _Binder:
         with self.lock:
             self.pending.append(run)
             if not self._installed:
-                model = self.monitor.model
+                model = self.model
                 self._saved = model.__dict__.get("generate")
                 self.original = model.generate
                 model.generate = self.generate  # on the instance; the class is untouched
@@ -113,7 +116,7 @@ class _Binder:
             if run in self.pending:
                 self.pending.remove(run)
             if self._installed and not self.pending:
-                model = self.monitor.model
+                model = self.model
                 if self._saved is None:
                     model.__dict__.pop("generate", None)
                 else:
@@ -228,7 +231,7 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
 
     run_inline = True  # bind the run before the model starts, in the caller's thread or task
 
-    def __init__(self, monitor: Any, *, mode: str = "shadow", keep_runs: int = 1000) -> None:
+    def __init__(self, monitor: Monitor, *, mode: str = "shadow", keep_runs: int = 1000) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}; valid modes: {', '.join(MODES)}")
         if monitor.tokenizer is None:
@@ -339,14 +342,5 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
             store.popitem(last=False)
 
 
-_BINDERS: weakref.WeakKeyDictionary[Any, _Binder] = weakref.WeakKeyDictionary()
-_BINDERS_LOCK = threading.Lock()
-
-
-def _binder_for(monitor: Any) -> _Binder:
-    """One binder per monitor (so one wrapper per model), shared by all its handlers."""
-    with _BINDERS_LOCK:
-        binder = _BINDERS.get(monitor)
-        if binder is None:
-            binder = _BINDERS[monitor] = _Binder(monitor)
-        return binder
+_binder_for = PerMonitor(_Binder)
+"""One binder per monitor (so one wrapper per model), shared by all its handlers."""
