@@ -38,8 +38,9 @@ def test_import_is_light_until_a_name_is_used() -> None:
 
 
 def test_every_package_ships_in_the_wheel() -> None:
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
