@@ -85,7 +85,7 @@ class EngineMonitor:
         self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
         self.keep_events = keep_events
         # kept events: each alert as it is delivered (callbacks come before sinks), each result as it ends
-        self.fanout = Fanout(sinks, [self.events.append] if keep_events else [], fail_closed=fail_closed)
+        self.fanout = Fanout(sinks, [self._keep] if keep_events else [], fail_closed=fail_closed)
         self.book = RunBook(self.fanout, model_name=self.model_name, clock=clock,
                             tokenizer=tokenizer if capture_text else None, labels=pack.label)
         self.external_id = external_id
@@ -245,7 +245,10 @@ class EngineMonitor:
             while len(self.results) > self.keep_results:
                 self.results.popitem(last=False)
             if self.keep_events:
-                self.events.append(result)
+                self._keep(result)
+
+    def _keep(self, event: Alert | RunResult) -> None:
+        self.events.append(event)  # the list of now: drain() hands the old one over
 
     def drain(self) -> list[Alert | RunResult]:
         """The alerts and results since the last call (kept only with ``keep_events``)."""
