@@ -141,8 +141,8 @@ def final_firings(readouts: Sequence[Readout], runs: Sequence[RunState]) -> list
         for readout in readouts:
             for spec in readout.detectors:
                 for phase in spec.phases:
-                    pool = run.pools[(spec.name, phase)]
-                    if pool.final():
+                    pool = run.pools.get((spec.name, phase))  # None: a detector this run does not use
+                    if pool is not None and pool.final():
                         firings.append(Firing(r, readout, spec, phase, pool, pool.last_pos, final=True))
     return firings
 

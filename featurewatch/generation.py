@@ -70,6 +70,35 @@ class GenerationResult:
         return self.session.readings(self.row, hookpoint)
 
 
+class StopBlocked:
+    """A stopping criterion for ``model.generate``: a batch row stops right after the forward pass
+    where a ``block`` alert blocked its run (no further decode step runs for it)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        return torch.tensor([row.blocked for row in self.session.rows], device=input_ids.device)
+
+
+def generation_results(session: Session, prompts: Sequence[Sequence[int]], sequences: Tensor, width: int,
+                       tokenizer: Any) -> list[GenerationResult]:
+    """One :class:`GenerationResult` per batch row of a monitored ``generate``: ``prompts`` are the rows'
+    prompt ids (without padding), ``sequences`` what ``generate`` returned, its new tokens from ``width`` on."""
+    results = []
+    for r, prompt in enumerate(prompts):
+        new = sequences[r, width:].tolist()
+        results.append(GenerationResult(run=session.result(r), prompt=tokenizer.decode(list(prompt)),
+                                        text=tokenizer.decode(new, skip_special_tokens=True), token_ids=new,
+                                        session=session, row=r))
+    return results
+
+
+def blocked_error(blocked: GenerationResult, results: Sequence[GenerationResult]) -> GenerationBlocked:
+    """The :class:`GenerationBlocked` of a blocked run: its first ``block`` alert, and the call's results."""
+    return GenerationBlocked(next(a for a in blocked.alerts if a.action == "block"), list(results))
+
+
 def render_prompt(prompt: Prompt, tokenizer: Any, *, chat: bool = True) -> Rendered:
     """Tokenize one prompt: a string (through the chat template when ``chat``), or chat messages."""
     if isinstance(prompt, str):
@@ -118,7 +147,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     ``run_ids``: the runs' ids (e.g. a caller's trace ids), one per prompt; random by default.
     A ``stopping_criteria`` in ``generate_kwargs`` is kept, next to the monitor's own.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     tok = monitor.tokenizer
     if tok is None:
@@ -137,12 +166,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     width = ids.shape[1]
     session = monitor.session(len(prompts), top_features=top_features, n_prompt=[width] * len(prompts),
                               content=content, interventions=interventions, run_ids=run_ids)
-
-    class _Block(StoppingCriteria):
-        def __call__(self, input_ids: Tensor, scores: Any, **kw: Any) -> Tensor:
-            return torch.tensor([row.blocked for row in session.rows], device=input_ids.device)
-
-    criteria = StoppingCriteriaList([_Block(), *(generate_kwargs.pop("stopping_criteria", None) or [])])
+    criteria = StoppingCriteriaList([StopBlocked(session), *(generate_kwargs.pop("stopping_criteria", None) or [])])
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
     device = next(monitor.model.parameters()).device
@@ -152,13 +176,8 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
         generate: Any = monitor.model.generate  # nn.Module's stub does not know generate()
         out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        streamer=streamer, stopping_criteria=criteria, **generate_kwargs)
-    results = []
-    for r in range(len(prompts)):
-        new = out[r, width:].tolist()
-        results.append(GenerationResult(run=session.result(r), prompt=tok.decode(rendered[r].ids),
-                                        text=tok.decode(new, skip_special_tokens=True), token_ids=new,
-                                        session=session, row=r))
-    blocked = [res for res in results if res.outcome == "blocked"]
-    if raise_on_block and blocked:
-        raise GenerationBlocked(next(a for a in blocked[0].alerts if a.action == "block"), results)
+    results = generation_results(session, [r.ids for r in rendered], out, width, tok)
+    blocked = next((res for res in results if res.outcome == "blocked"), None)
+    if raise_on_block and blocked is not None:
+        raise blocked_error(blocked, results)
     return results

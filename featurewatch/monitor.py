@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .alert import Alert, RunResult
-from .detection import Firing, final_firings, new_pools, observe, record_alert
+from .detection import observe
 from .detector import DetectorSpec
 from .errors import ConfigError, MonitorError
 from .generation import GenerationResult, Prompt, generate_batch
@@ -43,10 +43,11 @@ from .models import LoadedModel, load_model, resolve_hookpoint
 from .pack import DEFAULT_PACK, Pack, load_pack
 from .readout import Readout, build_readouts
 from .records import Record
+from .runbook import RunBook
 from .sae import SparseAutoencoder
 from .scoring import score_records
 from .session import Session, _current
-from .sinks import Fanout
+from .sinks import Fanout, Sink
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
 AlertCallback = Callable[[Alert], Any]
@@ -69,7 +70,7 @@ class Monitor:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, pack: Pack | str | Path | None = None,
                  detectors: Sequence[str | DetectorSpec] | None = None,
                  saes: dict[str, SparseAutoencoder] | None = None, watch: dict[str, Sequence[int]] | None = None,
-                 interventions: Sequence[Intervention] = (), sinks: Sequence[Any] = (),
+                 interventions: Sequence[Intervention] = (), sinks: Sequence[Sink] = (),
                  on_alert: AlertCallback | Sequence[AlertCallback] = (), fail_closed: bool = False,
                  capture_text: bool = True, model_name: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -90,6 +91,9 @@ class Monitor:
         self._steering = self._compile(interventions, suppress)
         callbacks = [on_alert] if callable(on_alert) else list(on_alert)
         self._fanout = Fanout(sinks, callbacks, fail_closed=fail_closed)
+        self._book = RunBook(self._fanout, model_name=self.model_name, clock=clock,
+                             tokenizer=tokenizer if capture_text else None,
+                             labels=self.pack.label if self.pack else None)
         self._special = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
         self._handles: list[Any] = []
         self._live: weakref.WeakSet[Session] = weakref.WeakSet()
@@ -102,7 +106,7 @@ class Monitor:
         return cls(loaded.model, loaded.tokenizer, pack=pack, model_name=loaded.name, **kwargs)
 
     @property
-    def sinks(self) -> list[Any]:
+    def sinks(self) -> list[Sink]:
         """The sinks events go to (a live list: append or remove sinks at any time)."""
         return self._fanout.sinks
 
@@ -211,18 +215,14 @@ class Monitor:
             raise ConfigError("the monitor is detached; call attach() first")
         if top_features < 0:
             raise ConfigError(f"top_features={top_features}; it must be 0 (off) or more")
-        s = Session(batch_size, readouts=self.readouts, tokenizer=self.tokenizer, model_name=self.model_name,
-                    special_ids=self._special, top_features=top_features, capture_text=self.capture_text,
+        s = Session(batch_size, owner=self, readouts=self.readouts, tokenizer=self.tokenizer,
+                    model_name=self.model_name, special_ids=self._special, top_features=top_features,
+                    blocking=blocking, steering=self._compile(interventions) if interventions else None,
                     stop_after_deepest=stop_after_deepest, n_prompt=n_prompt, content=content, run_ids=run_ids,
-                    interventions=interventions, clock=self.clock, on_end=self._end_session)
-        s.owner = self
-        s.blocking = blocking
-        s.steering = self._compile(interventions) if interventions else {}
+                    clock=self.clock, on_end=self._end_session)
         self._live.add(s)
         for row in s.rows:
-            new_pools(row, self.detectors)
-            if not self._fanout.emit("on_run_start", run_id=row.run_id, model_name=self.model_name):
-                row.degraded = True
+            self._book.open(row, self.detectors)
         return s
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, chat: bool = True, top_features: int = 0,
@@ -307,7 +307,7 @@ class Monitor:
         feats_cpu = feats.cpu()
         session.keep(readout.hookpoint, tokens, feats_cpu, x if session.top_features else None, scores)
         for firing in observe(readout, session.rows, tokens, feats_cpu, scores, session.totals.get(readout.hookpoint)):
-            self._fire(session, firing)
+            self._book.fire(session.rows[firing.row], firing, blocking=session.blocking)
         delta = None
         for steering in (self._steering.get(readout.hookpoint), session.steering.get(readout.hookpoint)):
             d = steering.delta(x, tokens, session.rows) if steering is not None else None
@@ -315,24 +315,9 @@ class Monitor:
                 delta = d if delta is None else delta + d
         return delta
 
-    def _fire(self, session: Session, firing: Firing) -> None:
-        row = session.rows[firing.row]
-        alert = record_alert(firing, row, model_name=self.model_name, fired_at=self.clock(),
-                             tokenizer=self.tokenizer if session.capture_text else None,
-                             labels=self.pack.label if self.pack else None)
-        if firing.spec.action == "block" and not firing.final and session.blocking:
-            row.blocked = True
-        if not self._fanout.alert(alert):
-            row.degraded = True
-
-    def _end_session(self, session: Session, error: bool) -> None:
+    def _end_session(self, session: Session) -> list[RunResult]:
         self._live.discard(session)
-        if not error:
-            for firing in final_firings(self.readouts, session.rows):
-                self._fire(session, firing)
-        for row, result in zip(session.rows, session.results(), strict=True):
-            if not self._fanout.emit("on_run_end", result):
-                row.degraded = True  # the result the caller gets says so, as the fault's log line does
+        return [self._book.close(row, self.readouts, session.outcome(r)) for r, row in enumerate(session.rows)]
 
     def _fault(self, session: Session | None, stage: str, exc: BaseException) -> None:
         if session is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,6 +30,8 @@ from .pooling import PhasePool
 from .positions import PositionTracker, StepTokens
 
 if TYPE_CHECKING:
+    from .intervention import Steering
+    from .monitor import Monitor
     from .readout import Readout
 
 
@@ -70,6 +72,21 @@ class RunState:
     blocked: bool = False
     degraded: bool = False
 
+    def outcome(self, *, error: bool = False, aborted: bool = False) -> Outcome:
+        """How the run ended: an error in its call, a block, the client gone (``aborted``), or completed."""
+        return "error" if error else "blocked" if self.blocked else "aborted" if aborted else "completed"
+
+    def result(self, *, model_name: str, outcome: Outcome, ended_at: float) -> RunResult:
+        """The run's :class:`RunResult`: pooled scores (combined and per phase), alerts, tokens, faults."""
+        scores = {name: pool.value for name, pool in self.combined.items() if pool.n}
+        phase_scores: dict[str, dict[str, float]] = {}
+        for (name, phase), pool in self.pools.items():
+            if pool.n:
+                phase_scores.setdefault(phase, {})[name] = pool.value
+        return RunResult(run_id=self.run_id, model_name=model_name, outcome=outcome, scores=scores,
+                         phase_scores=phase_scores, alerts=list(self.alerts), n_tokens=len(self.token_ids),
+                         degraded=self.degraded, started_at=self.started_at, ended_at=ended_at)
+
 
 @dataclass
 class FeatureTotals:
@@ -93,12 +110,12 @@ class Session:
         results = session.results()
     """
 
-    def __init__(self, batch_size: int, *, readouts: Sequence[Readout], tokenizer: Any, model_name: str,
-                 special_ids: Sequence[int], top_features: int = 0, capture_text: bool = True,
-                 stop_after_deepest: bool = False, n_prompt: Sequence[int] | None = None,
-                 content: Sequence[Sequence[bool]] | None = None, run_ids: Sequence[str] | None = None,
-                 interventions: Sequence[Any] = (), clock: Callable[[], float] = time.time,
-                 on_end: Callable[[Session, bool], None] | None = None) -> None:
+    def __init__(self, batch_size: int, *, owner: Monitor, readouts: Sequence[Readout], tokenizer: Any,
+                 model_name: str, special_ids: Sequence[int], top_features: int = 0, blocking: bool = True,
+                 steering: Mapping[str, Steering] | None = None, stop_after_deepest: bool = False,
+                 n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
+                 run_ids: Sequence[str] | None = None, clock: Callable[[], float] = time.time,
+                 on_end: Callable[[Session], list[RunResult]] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; a session needs at least one run")
         if run_ids is not None and len(run_ids) != batch_size:
@@ -117,20 +134,22 @@ class Session:
                 for p, phase in enumerate((PROMPT, COMPLETION)):
                     row.feature_sums[(hp, phase)] = totals.sums[2 * r + p]
                     row.feature_counts[(hp, phase)] = totals.counts[2 * r + p]
+        self.owner = owner
+        """The monitor whose hooks serve this session."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.top_features = top_features
-        self.capture_text = capture_text
+        self.blocking = blocking
+        """False in shadow mode: ``block`` alerts are reported but do not stop the runs."""
+        self.steering: Mapping[str, Steering] = dict(steering or {})
+        """This call's own compiled interventions, by hookpoint (the monitor's are the monitor's)."""
         self.stop_after_deepest = stop_after_deepest
-        self.interventions = list(interventions)
         self.clock = clock
         self.step_seconds = 0.0
         self.error = False
         self.detached = False
-        self.owner: Any = None  # the monitor whose hooks serve this session
-        self.blocking = True  # False in shadow mode: block alerts do not stop the runs
-        self.steering: dict[str, Any] = {}  # this call's compiled interventions, by hookpoint
         self._on_end = on_end
+        self._ended: list[RunResult] | None = None  # the results the runs ended with
         self._state = "new"
         self._token: Token[Session | None] | None = None
 
@@ -151,7 +170,7 @@ class Session:
             for row in self.rows:
                 row.degraded = True
         if self._on_end is not None:
-            self._on_end(self, self.error)
+            self._ended = self._on_end(self)
 
     @property
     def ended(self) -> bool:
@@ -200,17 +219,15 @@ class Session:
 
     # -- results -----------------------------------------------------------------------
     def result(self, row: int = 0) -> RunResult:
-        """The :class:`RunResult` of one batch row so far."""
-        run = self.rows[row]
-        scores = {name: pool.value for name, pool in run.combined.items() if pool.n}
-        phase_scores: dict[str, dict[str, float]] = {}
-        for (name, phase), pool in run.pools.items():
-            if pool.n:
-                phase_scores.setdefault(phase, {})[name] = pool.value
-        outcome: Outcome = "error" if self.error else "blocked" if run.blocked else "completed"
-        return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
-                         phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
-                         degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())
+        """The :class:`RunResult` of one batch row: the one its run ended with (what the sinks got),
+        or, while the session is open, the run so far."""
+        if self._ended is not None:
+            return self._ended[row]
+        return self.rows[row].result(model_name=self.model_name, outcome=self.outcome(row), ended_at=self.clock())
+
+    def outcome(self, row: int = 0) -> Outcome:
+        """How one batch row's run ends (or would end now)."""
+        return self.rows[row].outcome(error=self.error)
 
     def results(self) -> list[RunResult]:
         """One :class:`RunResult` per batch row."""

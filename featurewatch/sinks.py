@@ -76,7 +76,7 @@ class Fanout:
     is raised as :class:`~featurewatch.errors.MonitorError`.
     """
 
-    def __init__(self, sinks: Sequence[Any], callbacks: Sequence[Callable[[Alert], Any]], *,
+    def __init__(self, sinks: Sequence[Sink], callbacks: Sequence[Callable[[Alert], Any]], *,
                  fail_closed: bool) -> None:
         self.sinks = list(sinks)
         self.callbacks = list(callbacks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from featurewatch.alert import Alert, RunResult
 from featurewatch.detector import DetectorSpec, FeatureWeight
+from featurewatch.monitor import Monitor
 from featurewatch.sae import SparseAutoencoder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,6 +103,25 @@ def tiny_llama() -> Any:
 @pytest.fixture()
 def tiny_tokenizer() -> TinyTokenizer:
     return TinyTokenizer()
+
+
+@pytest.fixture()
+def tiny_monitor(tiny_llama: Any, tiny_tokenizer: TinyTokenizer) -> Iterator[Callable[..., Monitor]]:
+    """Build monitors on the tiny Llama: ``tiny_monitor(**kw)`` is ``Monitor(tiny_llama, tiny_tokenizer,
+    saes={"layers.1": sae16()}, **kw)`` (``model``, ``tokenizer`` and ``saes`` overridable). Every
+    monitor it built is detached after the test, so a failing test cannot leave the shared model hooked."""
+    built: list[Monitor] = []
+
+    def build(**kw: Any) -> Monitor:
+        kw.setdefault("saes", {"layers.1": sae16()})
+        model, tokenizer = kw.pop("model", tiny_llama), kw.pop("tokenizer", tiny_tokenizer)
+        monitor = Monitor(model, tokenizer, **kw)
+        built.append(monitor)
+        return monitor
+
+    yield build
+    for monitor in built:
+        monitor.detach()
 
 
 @pytest.fixture(scope="session")

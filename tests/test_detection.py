@@ -1,13 +1,18 @@
-"""Detection's per-(run, phase) feature sums: exactly what adding the read tokens one by one gives."""
+"""Detection: per-(run, phase) feature sums, pooling and firing per pass, end-of-run verdicts, alerts."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
-from featurewatch.detection import _add_totals
+from conftest import TinyTokenizer, tiny_spec
+from featurewatch.detection import Firing, _add_totals, evidence, final_firings, new_pools, observe, record_alert
+from featurewatch.detector import DetectorSpec
 from featurewatch.positions import StepTokens
-from featurewatch.session import FeatureTotals
+from featurewatch.session import FeatureTotals, RunState
 
 
 @pytest.mark.parametrize("counts", [(1,), (1, 1, 1), (7, 7), (64,) * 8, (3, 5, 2)])
@@ -25,3 +30,78 @@ def test_feature_totals_equal_index_add_bit_for_bit(counts: tuple[int, ...]) -> 
     _add_totals(totals, tokens, feats, read.tolist(), completion.tolist())
     assert torch.equal(totals.sums, expected)
     assert torch.equal(totals.counts, torch.bincount(group, minlength=2 * b))
+
+
+# ---------------------------------------------------------------- observe → firings → verdicts and alerts
+HP = "layers.1"
+
+
+def _readout(*specs: DetectorSpec) -> Any:
+    """What detection reads of a readout: its hookpoint, watched features (3 and 5) and detectors."""
+    return SimpleNamespace(hookpoint=HP, feature_ids=[3, 5], detectors=list(specs))
+
+
+def _runs(n: int, *specs: DetectorSpec) -> list[RunState]:
+    runs = [RunState(f"run-{r}", 0.0) for r in range(n)]
+    for run in runs:
+        new_pools(run, specs)
+        for phase in ("prompt", "completion"):
+            run.feature_sums[(HP, phase)] = torch.zeros(2)
+            run.feature_counts[(HP, phase)] = torch.zeros((), dtype=torch.long)
+    return runs
+
+
+def _step(counts: tuple[int, ...], read: list[bool], completion: list[bool], start: int = 0) -> StepTokens:
+    run = torch.cat([torch.full((c,), r) for r, c in enumerate(counts)])
+    position = torch.cat([torch.arange(start, start + c) for c in counts])
+    return StepTokens(run, position, torch.tensor(completion), torch.tensor(read), torch.tensor(read),
+                      torch.arange(len(read)) + 3, counts)
+
+
+def test_observe_pools_the_read_tokens_of_each_phase_and_fires_once_per_pass() -> None:
+    spec = tiny_spec(threshold=1.0)
+    runs = _runs(2, spec)
+    runs[1].blocked = True  # a blocked run is judged no more
+    tokens = _step((3, 3), read=[False, True, True] * 2, completion=[False] * 6)
+    feats = torch.tensor([[9.0, 9.0], [1.0, 2.0], [3.0, 4.0]] * 2)
+    scores = torch.tensor([[100.0], [2.0], [4.0]] * 2)  # the unread sink scores 100: never pooled
+    totals = FeatureTotals(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    firings = observe(_readout(spec), runs, tokens, feats, scores, totals)
+    assert [(f.row, f.phase, f.position, f.final) for f in firings] == [(0, "prompt", 2, False)]
+    pool = runs[0].pools[("demo", "prompt")]
+    assert (pool.n, pool.value) == (2, 3.0)
+    assert runs[1].pools[("demo", "prompt")].n == 0
+    assert totals.sums[0].tolist() == [4.0, 6.0] and totals.counts.tolist() == [2, 0, 2, 0]  # sums: every run
+    again = observe(_readout(spec), runs, _step((1, 1), [True] * 2, [True] * 2, start=3), feats[:2], scores[1:3])
+    assert [(f.row, f.phase) for f in again] == [(0, "completion")]  # the prompt does not fire again
+
+
+def test_final_firings_judge_each_phase_once_skipping_blocked_runs_and_unused_detectors() -> None:
+    spec, other = tiny_spec(threshold=1.0, cooldown_tokens=100), tiny_spec(name="other", threshold=-5.0)
+    readout = _readout(spec, other)
+    runs = _runs(3, spec, other)
+    runs[1].blocked = True
+    runs[2].pools.clear()  # a vLLM request narrowed to no detector of this readout
+    for run in runs[:2]:
+        run.pools[("demo", "prompt")].extend([2.0], [4])  # over the threshold, never checked
+    verdicts = final_firings([readout], runs)
+    assert [(f.row, f.spec.name, f.phase, f.position, f.final) for f in verdicts] == [(0, "demo", "prompt", 4, True)]
+    assert final_firings([readout], runs) == []  # reported once
+
+
+def test_an_alert_carries_its_span_text_and_the_features_that_carried_the_score() -> None:
+    spec = tiny_spec(threshold=1.0)  # features 3 (weight 1) and 5 (weight 0.5)
+    readout, run = _readout(spec), _runs(1, spec)[0]
+    run.token_ids = [2, 3, 4, 5]
+    run.feature_sums[(HP, "prompt")] += torch.tensor([2.0, 8.0])  # over two tokens: means 1 and 4
+    run.feature_counts[(HP, "prompt")] += 2
+    pool = run.pools[("demo", "prompt")]
+    pool.extend([3.0, 3.0], [1, 2])
+    firing = Firing(0, readout, spec, "prompt", pool, 2)
+    alert = record_alert(firing, run, model_name="tiny", fired_at=5.0, tokenizer=TinyTokenizer(),
+                         labels=lambda hp, f: f"label {f}")
+    assert (alert.span, alert.text, alert.score, alert.run_id) == ((1, 3), "ab", 3.0, "run-0")
+    assert [(e.feature, e.activation, e.contribution, e.label) for e in alert.evidence] == [
+        (5, 4.0, 2.0, "label 5"), (3, 1.0, 1.0, "label 3")]
+    assert run.alerts == [alert] and run.fired == {"demo": 2}
+    assert evidence(readout, run, spec, "completion") == []  # nothing read in that phase

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import sae16, tiny_spec
+from conftest import tiny_spec
 from featurewatch.alert import RunResult
 from featurewatch.errors import ConfigError, MonitorError
-from featurewatch.monitor import Monitor
 from featurewatch.sinks import BaseSink
 
 HP = "layers.1"
@@ -21,22 +20,22 @@ def hook_count(model: Any) -> int:
     return len(model._forward_pre_hooks) + sum(len(layer._forward_hooks) for layer in model.model.layers)
 
 
-def test_a_failed_constructor_leaves_the_model_as_it_found_it(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_a_failed_constructor_leaves_the_model_as_it_found_it(tiny_llama: Any, tiny_monitor: Any) -> None:
     class BrokenAttach(BaseSink):
         def on_attach(self, **kw: Any) -> None:
             raise RuntimeError("registry is down")
 
     before = hook_count(tiny_llama)
     with pytest.raises(MonitorError, match="registry is down"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[BrokenAttach()], fail_closed=True)
+        tiny_monitor(sinks=[BrokenAttach()], fail_closed=True)
     assert hook_count(tiny_llama) == before
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}) as again:  # the model is free again
+    with tiny_monitor() as again:  # the model is free again
         assert again.attached
 
 
-def test_generation_pads_per_call_and_never_touches_the_tokenizer(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_generation_pads_per_call_and_never_touches_the_tokenizer(tiny_tokenizer: Any, tiny_monitor: Any) -> None:
     tiny_tokenizer.padding_side = "right"
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+    with tiny_monitor(fail_closed=True) as m:
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -56,8 +55,8 @@ def test_generation_pads_per_call_and_never_touches_the_tokenizer(tiny_llama: An
     assert tiny_tokenizer.padding_side == "right"
 
 
-def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()], fail_closed=True) as m:
+def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny_monitor: Any) -> None:
+    with tiny_monitor(detectors=[tiny_spec()], fail_closed=True) as m:
         ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
         with m.session(top_features=3) as s:
             out = tiny_llama(input_ids=ids)  # grad mode on, as in a user's own code
@@ -67,10 +66,9 @@ def test_a_session_without_no_grad_keeps_no_autograd_graph(tiny_llama: Any, tiny
         assert kept and not any(t.requires_grad for t in kept)  # ... but nothing the monitor keeps holds it
 
 
-def test_generate_runs_the_model_in_inference_mode_and_readings_still_work(tiny_llama: Any,
-                                                                          tiny_tokenizer: Any) -> None:
+def test_generate_runs_the_model_in_inference_mode_and_readings_still_work(tiny_monitor: Any) -> None:
     # inference mode, not generate()'s own no_grad: ~4 % per decode step (docs/architecture.md)
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()], fail_closed=True) as m:
+    with tiny_monitor(detectors=[tiny_spec()], fail_closed=True) as m:
         result = m.generate("abcdef", max_new_tokens=3, min_new_tokens=3, top_features=3)
         run = result.session.rows[0]
         kept = [*run.watched[HP], *run.residuals[HP]]
@@ -79,8 +77,8 @@ def test_generate_runs_the_model_in_inference_mode_and_readings_still_work(tiny_
         assert len(readings) == len(run.token_ids) and any(r.top for r in readings)
 
 
-def test_detaching_mid_generation_marks_the_run_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[tiny_spec()])
+def test_detaching_mid_generation_marks_the_run_degraded(tiny_monitor: Any) -> None:
+    m = tiny_monitor(detectors=[tiny_spec()])
 
     class DetachAfterTwoSteps(BaseSink):
         steps = 0
@@ -96,14 +94,14 @@ def test_detaching_mid_generation_marks_the_run_degraded(tiny_llama: Any, tiny_t
     assert result.degraded and result.outcome == "completed"
 
 
-def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_monitor: Any) -> None:
     ended: list[RunResult] = []
 
     class Ends(BaseSink):
         def on_run_end(self, result: RunResult) -> None:
             ended.append(result)
 
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[Ends()], fail_closed=True) as m:
+    with tiny_monitor(sinks=[Ends()], fail_closed=True) as m:
         session = m.session()
         with session:
             tiny_llama(input_ids=torch.tensor([[2, 3, 4]]))
@@ -121,45 +119,45 @@ def test_a_session_is_single_use_and_ends_once(tiny_llama: Any, tiny_tokenizer: 
     ("abc", {"max_new_tokens": 0}, "max_new_tokens=0"),
     ("abc", {"max_new_tokens": -5}, "max_new_tokens=-5"),
 ])
-def test_bad_prompts_are_config_errors_naming_the_problem(tiny_llama: Any, tiny_tokenizer: Any, prompt: Any,
-                                                           kwargs: dict[str, Any], message: str) -> None:
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+def test_bad_prompts_are_config_errors_naming_the_problem(prompt: Any, kwargs: dict[str, Any], message: str,
+                                                          tiny_monitor: Any) -> None:
+    with tiny_monitor(fail_closed=True) as m:
         with pytest.raises(ConfigError, match=message):
             m.generate(prompt, **kwargs)
         with pytest.raises(ConfigError, match="non-empty list"):
             m.generate_batch([])
 
 
-def test_a_prompt_longer_than_the_context_is_a_clear_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_a_prompt_longer_than_the_context_is_a_clear_error(tiny_llama: Any, tiny_monitor: Any) -> None:
     context = tiny_llama.config.max_position_embeddings  # 128
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+    with tiny_monitor(fail_closed=True) as m:
         with pytest.raises(ConfigError, match=f"context of {context} tokens"):
             m.generate("a" * (context - 4), max_new_tokens=8)
         assert len(m.generate("a" * (context - 20), max_new_tokens=8).token_ids) <= 8  # within: fine
 
 
-def test_per_phase_thresholds_fire_each_phase_at_its_own(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_per_phase_thresholds_fire_each_phase_at_its_own(tiny_monitor: Any) -> None:
     both = tiny_spec(threshold=1e6, phase_thresholds={"prompt": 1e6, "completion": -1e6},
                      phases=["prompt", "completion"])
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[both], fail_closed=True) as m:
+    with tiny_monitor(detectors=[both], fail_closed=True) as m:
         result = m.generate("abcdef", max_new_tokens=4, min_new_tokens=4)
     assert [(a.phase, a.threshold) for a in result.alerts] == [("completion", -1e6)]
 
 
-def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_min_tokens_keeps_a_short_phase_silent_at_the_end_too(tiny_monitor: Any) -> None:
     low = tiny_spec(threshold=-1e6, phases=["completion"], pooling={"method": "mean", "min_tokens": 5})
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[low], fail_closed=True) as m:
+    with tiny_monitor(detectors=[low], fail_closed=True) as m:
         short = m.generate("abc", max_new_tokens=3, min_new_tokens=3)  # 2 completion tokens are read
         long = m.generate("abc", max_new_tokens=8, min_new_tokens=8)
     assert not short.alerts and "completion" in short.phase_scores
     assert len(long.alerts) == 1
 
 
-def test_scoring_refuses_a_max_tokens_past_the_context(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_scoring_refuses_a_max_tokens_past_the_context(tiny_monitor: Any) -> None:
     from featurewatch.records import parse_record
 
     record = parse_record({"text": "abc"}, line=1)
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True) as m:
+    with tiny_monitor(fail_closed=True) as m:
         with pytest.raises(ConfigError, match="context of 128 tokens"):
             list(m.score_records([record], max_tokens=4096))
         with pytest.raises(ConfigError, match="max_tokens=0"):

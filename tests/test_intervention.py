@@ -12,7 +12,6 @@ from conftest import sae16
 from featurewatch.errors import ConfigError, FeatureOutOfRange
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
-from featurewatch.monitor import Monitor
 from featurewatch.positions import StepTokens
 from featurewatch.session import RunState
 
@@ -103,15 +102,15 @@ def test_phases_limit_an_intervention() -> None:
     assert steering.delta(x, steps(2, completion=True), [RunState("r", 0.0)]) is not None
 
 
-def test_generation_applies_interventions_at_prefill_and_every_cached_decode_step(
-        tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_generation_applies_interventions_at_prefill_and_every_cached_decode_step(tiny_llama: Any,
+                                                                                  tiny_monitor: Any) -> None:
     sae = sae16()
     raw: list[torch.Tensor] = []
     after: list[torch.Tensor] = []
     layer = tiny_llama.model.layers[1]
     pre = layer.register_forward_hook(lambda m, a, o: raw.append(unwrap(o).clone()), prepend=True)
     try:
-        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae}, fail_closed=True) as m:
+        with tiny_monitor(saes={HP: sae}, fail_closed=True) as m:
             post = layer.register_forward_hook(lambda m, a, o: after.append(unwrap(o).clone()))
             iv = Intervention(feature=4, mode="clamp", value=6.0, absolute=True)
             m.generate("abcd", max_new_tokens=4, min_new_tokens=4, interventions=[iv])
@@ -119,7 +118,8 @@ def test_generation_applies_interventions_at_prefill_and_every_cached_decode_ste
     finally:
         pre.remove()
     assert [r.shape[1] for r in raw] == [5, 1, 1, 1]  # prefill, then one new position per decode step
-    for i, (before, got) in enumerate(zip(raw, after)):
+    assert after, "the hook after ours saw no forward pass"
+    for i, (before, got) in enumerate(zip(raw, after, strict=True)):
         a = sae.encode(before)[..., 4:5]
         want = before + (6.0 - a) @ sae.W_dec[4:5]
         if i == 0:
@@ -178,9 +178,8 @@ def test_an_absolute_value_is_checked_in_max_activation_units_and_in_the_residua
     compile_steering([Intervention(feature=3, mode="clamp", value=1e5, absolute=True)], {HP: sae})  # fine in fp32
 
 
-def test_the_monitor_refuses_an_overflowing_edit_instead_of_generating_nan(tiny_llama: Any,
-                                                                           tiny_tokenizer: Any) -> None:
-    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()})
+def test_the_monitor_refuses_an_overflowing_edit_instead_of_generating_nan(tiny_monitor: Any) -> None:
+    m = tiny_monitor()
     try:
         with pytest.raises(ConfigError, match="overflows"):
             m.generate("abc", max_new_tokens=2, chat=False,

@@ -8,22 +8,19 @@ from typing import Any
 
 import torch
 
-from conftest import build_sae
+from conftest import tiny_spec
 from featurewatch.detector import DetectorSpec, FeatureWeight
-from featurewatch.monitor import Monitor
 
 HP = "layers.1"
 
 
-def tiny_monitor(model: Any, tokenizer: Any) -> Monitor:
-    sae = build_sae(16, 12, architecture="standard", seed=1, b_enc=torch.full((12,), 0.5))
-    spec = DetectorSpec(name="demo", description="test", hookpoint=HP, threshold=1e6,
-                        features=[FeatureWeight(id=3, weight=1.0)], pooling={"method": "mean", "min_tokens": 1})
-    return Monitor(model, tokenizer, saes={HP: sae}, detectors=[spec], fail_closed=True)
+def one_feature() -> DetectorSpec:
+    """A never-firing detector on feature 3 alone: one watched float per token."""
+    return tiny_spec(features=[FeatureWeight(id=3, weight=1.0)])
 
 
-def test_sessions_are_freed_once_their_results_are_dropped(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with tiny_monitor(tiny_llama, tiny_tokenizer) as m:
+def test_sessions_are_freed_once_their_results_are_dropped(tiny_monitor: Any) -> None:
+    with tiny_monitor(detectors=[one_feature()], fail_closed=True) as m:
         refs = []
         for i in range(20):
             result = m.generate("abcdef"[: 2 + i % 4], max_new_tokens=3, min_new_tokens=3, top_features=i % 2)
@@ -34,8 +31,8 @@ def test_sessions_are_freed_once_their_results_are_dropped(tiny_llama: Any, tiny
         assert len(m._live) == 0
 
 
-def test_residuals_are_kept_only_when_readings_ask_for_top_features(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with tiny_monitor(tiny_llama, tiny_tokenizer) as m:
+def test_residuals_are_kept_only_when_readings_ask_for_top_features(tiny_monitor: Any) -> None:
+    with tiny_monitor(detectors=[one_feature()], fail_closed=True) as m:
         plain = m.generate("abcd", max_new_tokens=3, min_new_tokens=3)
         top = m.generate("abcd", max_new_tokens=3, min_new_tokens=3, top_features=2)
     assert not plain.session.rows[0].residuals

@@ -34,9 +34,9 @@ def spec(**kw: Any) -> DetectorSpec:
 
 
 @pytest.fixture()
-def monitor(tiny_llama: Any, tiny_tokenizer: Any) -> Any:
-    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, detectors=[spec()], watch={HP: WATCH},
-                fail_closed=True)
+def monitor(tiny_monitor: Any) -> Any:
+    m = tiny_monitor(detectors=[spec()], watch={HP: WATCH},
+                     fail_closed=True)
     yield m
     m.detach()
 
@@ -79,7 +79,7 @@ def test_cache_off_reads_only_the_new_tail(monitor: Monitor) -> None:
     uncached = monitor.generate("abcabc", max_new_tokens=4, min_new_tokens=4, use_cache=False)
     a, b = cached.readings(), uncached.readings()
     assert [r.position for r in a] == [r.position for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra.token_id == rb.token_id
         for f in WATCH:
             assert ra.features.get(f, 0.0) == pytest.approx(rb.features.get(f, 0.0), abs=1e-4)
@@ -94,7 +94,7 @@ def test_left_padded_batch_matches_single_rows_and_excludes_pads(monitor: Monito
     assert short[pads].excluded  # the first real token is an attention sink
     real = short[pads:]
     assert [r.token_id for r in real] == [r.token_id for r in single.readings()]
-    for ra, rb in zip(real, single.readings()):
+    for ra, rb in zip(real, single.readings(), strict=True):
         for f in WATCH:
             assert ra.features.get(f, 0.0) == pytest.approx(rb.features.get(f, 0.0), abs=1e-3)
     assert batch[0].run_id != batch[1].run_id
@@ -120,11 +120,11 @@ def test_concurrent_threads_never_see_each_others_readings(monitor: Monitor) -> 
         assert results[p] == [reference[p]] * 3
 
 
-def test_hooks_are_removed_on_exit_even_after_an_exception(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_hooks_are_removed_on_exit_even_after_an_exception(tiny_llama: Any, tiny_monitor: Any) -> None:
     layer = tiny_llama.model.layers[1]
     before = (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks))
     with pytest.raises(RuntimeError, match="boom"), \
-            Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]}):
+            tiny_monitor(watch={HP: [1]}):
         assert len(layer._forward_hooks) == before[0] + 1
         raise RuntimeError("boom")
     assert (len(layer._forward_hooks), len(tiny_llama._forward_pre_hooks)) == before
@@ -136,30 +136,30 @@ def test_session_is_cleared_after_an_error_inside_generate(monitor: Monitor) -> 
     assert current_session() is None
 
 
-def test_attaching_twice_never_double_hooks(monitor: Monitor, tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_attaching_twice_never_double_hooks(monitor: Monitor, tiny_llama: Any, tiny_monitor: Any) -> None:
     layer = tiny_llama.model.layers[1]
     n = len(layer._forward_hooks)
     monitor.attach()
     assert len(layer._forward_hooks) == n
     with pytest.raises(ConfigError, match="already attached"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [1]})
+        tiny_monitor(watch={HP: [1]})
     monitor.detach()
     monitor.detach()  # idempotent
     assert len(layer._forward_hooks) == n - 1
 
 
-def test_bad_configuration_fails_at_attach_with_the_valid_choices(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_bad_configuration_fails_at_attach_with_the_valid_choices(tiny_llama: Any, tiny_monitor: Any) -> None:
     hooks_before = len(tiny_llama.model.layers[1]._forward_hooks)
     with pytest.raises(HookpointNotFound, match=r"layers\.0 … layers\.2"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={"layers.7": sae16()})
+        tiny_monitor(saes={"layers.7": sae16()})
     with pytest.raises(WidthMismatch, match="16"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={HP: build_sae(8, 12)})
+        tiny_monitor(saes={HP: build_sae(8, 12)})
     with pytest.raises(FeatureOutOfRange, match="0 … 11"):
-        Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, watch={HP: [12]})
+        tiny_monitor(watch={HP: [12]})
     assert len(tiny_llama.model.layers[1]._forward_hooks) == hooks_before
 
 
-def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_alerts_arrive_during_generation_not_after(tiny_monitor: Any) -> None:
     seen_at: list[int] = []
 
     def on_alert(alert: Alert) -> None:
@@ -167,8 +167,8 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
         assert session is not None
         seen_at.append(session.positions.n_seen)
 
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, on_alert=on_alert, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, phases=["completion"])]) as m:
+    with tiny_monitor(on_alert=on_alert, fail_closed=True,
+                      detectors=[spec(threshold=-1000.0, phases=["completion"])]) as m:
         result = m.generate("abc", max_new_tokens=6, min_new_tokens=6)
     assert len(result.alerts) == 1 and seen_at
     assert seen_at[0] < len("abc") + 1 + 5  # fired before the last position was read
@@ -178,10 +178,10 @@ def test_alerts_arrive_during_generation_not_after(tiny_llama: Any, tiny_tokeniz
     assert {e.feature for e in alert.evidence} <= {3, 5}
 
 
-def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_monitor: Any) -> None:
     assert not issubclass(GenerationBlocked, FeatureWatchError)
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m, \
+    with tiny_monitor(fail_closed=True,
+                      detectors=[spec(threshold=-1000.0, action="block", phases=["completion"])]) as m, \
             pytest.raises(GenerationBlocked) as info:
         m.generate("abc", max_new_tokens=20, min_new_tokens=0)
     result = info.value.result
@@ -190,25 +190,25 @@ def test_block_stops_generation_and_is_not_a_featurewatch_error(tiny_llama: Any,
     assert info.value.alert.action == "block"
 
 
-def test_generate_takes_the_run_id_and_keeps_the_callers_stopping_criteria(tiny_llama: Any,
-                                                                         tiny_tokenizer: Any) -> None:
+def test_generate_takes_the_run_id_and_keeps_the_callers_stopping_criteria(tiny_monitor: Any) -> None:
     calls: list[int] = []
 
     def stop_after_two(input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
         calls.append(1)
         return torch.full((input_ids.shape[0],), len(calls) >= 2, dtype=torch.bool)
 
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, phases=["prompt"])]) as m:
+    with tiny_monitor(fail_closed=True,
+                      detectors=[spec(threshold=-1000.0, phases=["prompt"])]) as m:
         result = m.generate("abc", max_new_tokens=10, min_new_tokens=0, run_id="trace-7",
                             stopping_criteria=[stop_after_two])
     assert result.run_id == "trace-7" and result.alerts[0].run_id == "trace-7"
     assert len(result.token_ids) == 2
 
 
-def test_a_shadow_session_reports_a_block_without_blocking(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True,
-                 detectors=[spec(threshold=-1000.0, action="block", phases=["prompt", "completion"])]) as m:
+def test_a_shadow_session_reports_a_block_without_blocking(tiny_llama: Any, tiny_tokenizer: Any,
+                                                           tiny_monitor: Any) -> None:
+    with tiny_monitor(fail_closed=True,
+                      detectors=[spec(threshold=-1000.0, action="block", phases=["prompt", "completion"])]) as m:
         ids = torch.tensor([tiny_tokenizer.encode("abcd")])
         with m.session(blocking=False) as shadow:
             tiny_llama(ids)
@@ -218,16 +218,16 @@ def test_a_shadow_session_reports_a_block_without_blocking(tiny_llama: Any, tiny
     assert enforced.result().outcome == "blocked"
 
 
-def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_term(
-        tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_term(tiny_llama: Any,
+                                                                                     tiny_monitor: Any) -> None:
     sae = sae16()
     captured: list[torch.Tensor] = []
     raw: list[torch.Tensor] = []
     layer = tiny_llama.model.layers[1]
     pre = layer.register_forward_hook(lambda m, a, o: raw.append(unwrap(o).clone()), prepend=True)
     try:
-        with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae}, fail_closed=True,
-                     detectors=[spec(threshold=-1000.0, action="suppress", phases=["prompt"])]) as m:
+        with tiny_monitor(saes={HP: sae}, fail_closed=True,
+                          detectors=[spec(threshold=-1000.0, action="suppress", phases=["prompt"])]) as m:
             post = layer.register_forward_hook(lambda m, a, o: captured.append(unwrap(o).clone()))  # after ours
             m.generate("abcd", max_new_tokens=3, min_new_tokens=3)
             post.remove()
@@ -235,7 +235,8 @@ def test_suppress_ablates_the_features_from_the_next_position_keeping_the_error_
         pre.remove()
     # prefill is unchanged (the alert fires during it); every decode step after is ablated
     assert torch.equal(captured[0], raw[0])
-    for before, after in zip(raw[1:], captured[1:]):
+    assert len(raw) == len(captured) == 3  # prefill and two decode steps (the last token is never read)
+    for before, after in zip(raw[1:], captured[1:], strict=True):
         f = sae.encode(before)[..., [3, 5]]
         expected = before - f @ sae.W_dec[[3, 5]]
         assert torch.allclose(after, expected, atol=1e-5)
@@ -253,8 +254,7 @@ class Exploding(BaseSink):
         self.errors.append(stage)
 
 
-def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(tiny_llama: Any, tiny_tokenizer: Any,
-                                                                 monkeypatch: Any) -> None:
+def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(monkeypatch: Any, tiny_monitor: Any) -> None:
     recorder = Exploding()
 
     class Recorder(BaseSink):
@@ -264,8 +264,8 @@ def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(tiny_llama: Any
             self.stages.append(stage)
 
     rec = Recorder()
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[recorder, rec],
-                 detectors=[spec(threshold=-1000.0)]) as m:
+    with tiny_monitor(sinks=[recorder, rec],
+                      detectors=[spec(threshold=-1000.0)]) as m:
         result = m.generate("abc", max_new_tokens=3)
         assert result.alerts and "sink" in rec.stages
         assert result.degraded  # a sink fault marks the run degraded, as documented
@@ -275,12 +275,12 @@ def test_fail_open_a_broken_sink_or_hook_never_breaks_generation(tiny_llama: Any
         assert len(result.token_ids) == 3
 
 
-def test_a_sink_fault_at_run_end_marks_the_result_degraded(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+def test_a_sink_fault_at_run_end_marks_the_result_degraded(tiny_monitor: Any) -> None:
     class FailsAtEnd(BaseSink):
         def on_run_end(self, result: Any) -> None:
             raise OSError("disk full")
 
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, sinks=[FailsAtEnd()], detectors=[spec()]) as m:
+    with tiny_monitor(sinks=[FailsAtEnd()], detectors=[spec()]) as m:
         result = m.generate("abc", max_new_tokens=2)
     assert result.degraded  # the fault is logged as "marked degraded"; it used to stay False
 

@@ -35,3 +35,14 @@ def test_import_is_light_until_a_name_is_used() -> None:
     code = ("import sys, featurewatch; assert 'torch' not in sys.modules; "
             "featurewatch.Monitor; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "featurewatch").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from conftest import sae16
 from featurewatch.errors import ConfigError
 from featurewatch.intervention import Intervention
 from featurewatch.monitor import Monitor
@@ -19,8 +18,8 @@ CORPUS = [parse_record({"id": f"c{i}", "text": t}, line=i) for i, t in enumerate
 
 
 @pytest.fixture()
-def monitor(tiny_llama: Any, tiny_tokenizer: Any) -> Any:
-    m = Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()}, fail_closed=True)
+def monitor(tiny_monitor: Any) -> Any:
+    m = tiny_monitor(fail_closed=True)
     yield m
     m.detach()
 
@@ -50,9 +49,8 @@ def test_a_sweep_that_changes_nothing_costs_nothing(monitor: Monitor) -> None:
     assert steered.samples == result.points[0].samples and steered.concept_rate is None
 
 
-def test_sweep_refuses_a_monitor_that_steers_by_itself(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    with Monitor(tiny_llama, tiny_tokenizer, saes={HP: sae16()},
-                 interventions=[Intervention(feature=1, mode="ablate")]) as m, \
+def test_sweep_refuses_a_monitor_that_steers_by_itself(tiny_monitor: Any) -> None:
+    with tiny_monitor(interventions=[Intervention(feature=1, mode="ablate")]) as m, \
             pytest.raises(ConfigError, match="unsteered"):
         sweep(m, [Intervention(feature=4, mode="ablate")], prompts=["abc"], corpus=CORPUS, chat=False)
 

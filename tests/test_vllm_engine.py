@@ -175,6 +175,17 @@ def test_a_sink_fault_at_run_end_marks_the_result_degraded(make_engine: Any) -> 
     assert engine.results["r1"].degraded  # the log line says "marked degraded": the result says so too
 
 
+def test_kept_events_reach_each_drain_in_order(make_engine: Any) -> None:
+    engine, events = make_engine(detectors=["demo"], keep_events=True)
+    for rid in ("r1", "r2"):  # a second request after a drain: its events reach the next drain
+        _prefill(engine, rid)
+        engine.finish([rid])
+        kept = engine.drain()
+        assert [(type(e).__name__, e.run_id) for e in kept] == [("Alert", rid), ("RunResult", rid)]
+        assert kept == [*(a for a in events.alerts if a.run_id == rid), engine.results[rid]]
+    assert engine.drain() == []
+
+
 # ---------------------------------------------------------------- evidence
 def test_sae_alerts_carry_evidence_as_the_transformers_monitor_computes_it(make_engine: Any) -> None:
     engine, events = make_engine()

@@ -32,7 +32,7 @@ from typing import Any
 from ...alert import Alert, RunResult
 from ...errors import ConfigError
 from ...pack import DEFAULT_PACK, load_pack, resolve_pack_path
-from ...sinks import Fanout
+from ...sinks import Fanout, Sink
 from .options import DETECTORS_KEY, OFF_KEY, RequestPolicy, safe_run_id
 
 __all__ = ["DETECTORS_KEY", "OFF_KEY", "VLLMMonitor", "attach"]
@@ -137,7 +137,7 @@ class VLLMMonitor:
 
 
 def attach(llm: Any, *, pack: str | Path = DEFAULT_PACK, detectors: Sequence[str] | None = None,
-           sinks: Sequence[Any] = (), on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
+           sinks: Sequence[Sink] = (), on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
            capture_text: bool = True, fail_closed: bool = False) -> VLLMMonitor:
     """Monitor every request of ``llm`` (a ``vllm.LLM``) with a pack's detectors; see the module docstring.
 

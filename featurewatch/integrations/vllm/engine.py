@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...alert import PHASES, Alert, Outcome, RunResult
-from ...detection import Firing, new_pools, observe, record_alert
+from ...alert import PHASES, Alert, RunResult
+from ...detection import Firing, observe
 from ...detector import DetectorSpec
 from ...errors import ConfigError
 from ...pack import Pack
 from ...readout import Readout, build_readouts
+from ...runbook import RunBook
 from ...session import FeatureTotals, RunState
-from ...sinks import Fanout
+from ...sinks import Fanout, Sink
 from .batch import ContentMasker, Scheduled, step_tokens
 from .options import SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
@@ -68,7 +69,7 @@ class EngineMonitor:
     """The monitor of one vLLM worker: readouts at the tapped layers, a run per request id."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, pack: Pack,
-                 detectors: Sequence[str] | None = None, sinks: Sequence[Any] = (), model_name: str = "",
+                 detectors: Sequence[str] | None = None, sinks: Sequence[Sink] = (), model_name: str = "",
                  capture_text: bool = True, fail_closed: bool = False, keep_events: bool = False,
                  external_id: Callable[[str], str] = lambda rid: rid, keep_results: int = 4096,
                  clock: Callable[[], float] = time.time, request_policy: RequestPolicy = SERVER_DEFAULT
@@ -81,12 +82,14 @@ class EngineMonitor:
         self.masker = ContentMasker(tokenizer)
         self.special = torch.tensor(sorted(self.masker.special), dtype=torch.long)
         self.model_name = model_name or pack.manifest.model
-        self.capture_text = capture_text
-        self.fanout = Fanout(sinks, [], fail_closed=fail_closed)
+        self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
+        self.keep_events = keep_events
+        # kept events: each alert as it is delivered (callbacks come before sinks), each result as it ends
+        self.fanout = Fanout(sinks, [self._keep] if keep_events else [], fail_closed=fail_closed)
+        self.book = RunBook(self.fanout, model_name=self.model_name, clock=clock,
+                            tokenizer=tokenizer if capture_text else None, labels=pack.label)
         self.external_id = external_id
         self.clock = clock
-        self.keep_events = keep_events
-        self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
         self.results: OrderedDict[str, RunResult] = OrderedDict()
         self.keep_results = keep_results
         self.runs: dict[str, _Live] = {}
@@ -122,7 +125,6 @@ class EngineMonitor:
         detectors = decision.detectors
         prompt = list(getattr(request, "prompt_token_ids", None) or [])
         state = RunState(run_id=safe_run_id(self.external_id(req_id)), started_at=self.clock())
-        new_pools(state, detectors)
         for readout in self.readouts:
             m = len(readout.feature_ids)
             for phase in PHASES:
@@ -131,8 +133,7 @@ class EngineMonitor:
         live = _Live(state, len(prompt), self.masker.mask(prompt), detectors)
         self.runs[req_id] = live
         self._req_of[id(state)] = req_id
-        if not self.fanout.emit("on_run_start", run_id=state.run_id, model_name=self.model_name):
-            state.degraded = True
+        self.book.open(state, detectors)
         return live
 
     # ------------------------------------------------------------------ steps
@@ -239,23 +240,15 @@ class EngineMonitor:
                 continue
             run = live.state
             self._req_of.pop(id(run), None)
-            ended: Outcome = ("error" if error else "blocked" if run.blocked else "aborted" if rid in gave_up
-                              else "completed")
-            if ended == "completed":
-                for readout in self.readouts:
-                    for spec in readout.detectors:
-                        for phase in spec.phases:
-                            pool = run.pools.get((spec.name, phase))
-                            if pool is not None and pool.final():
-                                self._fire(run, Firing(0, readout, spec, phase, pool, pool.last_pos, final=True))
-            result = self._result(run, ended)
+            result = self.book.close(run, self.readouts, run.outcome(error=error, aborted=rid in gave_up))
             self.results[run.run_id] = result
             while len(self.results) > self.keep_results:
                 self.results.popitem(last=False)
-            if not self.fanout.emit("on_run_end", result):
-                result.degraded = run.degraded = True  # as the fault's log line says
             if self.keep_events:
-                self.events.append(result)
+                self._keep(result)
+
+    def _keep(self, event: Alert | RunResult) -> None:
+        self.events.append(event)  # the list of now: drain() hands the old one over
 
     def drain(self) -> list[Alert | RunResult]:
         """The alerts and results since the last call (kept only with ``keep_events``)."""
@@ -264,26 +257,8 @@ class EngineMonitor:
 
     # ------------------------------------------------------------------ alerts
     def _fire(self, run: RunState, firing: Firing) -> None:
-        # as Monitor._fire, for a run that is a vLLM request
-        spec = firing.spec
-        alert = record_alert(firing, run, model_name=self.model_name, fired_at=self.clock(),
-                             tokenizer=self.tokenizer if self.capture_text else None, labels=self.pack.label)
-        if spec.action == "block" and not firing.final:
-            run.blocked = True
-            rid = self._req_of.get(id(run))
-            if rid is not None:
-                self.blocked[rid] = BLOCK_REASON.format(detector=spec.name)
-        if self.keep_events:
-            self.events.append(alert)
-        if not self.fanout.alert(alert):
-            run.degraded = True
-
-    def _result(self, run: RunState, outcome: Outcome) -> RunResult:
-        scores = {name: pool.value for name, pool in run.combined.items() if pool.n}
-        phase_scores: dict[str, dict[str, float]] = {}
-        for (name, phase), pool in run.pools.items():
-            if pool.n:
-                phase_scores.setdefault(phase, {})[name] = pool.value
-        return RunResult(run_id=run.run_id, model_name=self.model_name, outcome=outcome, scores=scores,
-                         phase_scores=phase_scores, alerts=list(run.alerts), n_tokens=len(run.token_ids),
-                         degraded=run.degraded, started_at=run.started_at, ended_at=self.clock())
+        """The run book's firing; a blocked request also gets the stop reason vLLM's scheduler hands it."""
+        self.book.fire(run, firing)
+        rid = self._req_of.get(id(run))
+        if firing.spec.action == "block" and run.blocked and rid is not None:
+            self.blocked[rid] = BLOCK_REASON.format(detector=firing.spec.name)

@@ -10,6 +10,7 @@ from typing import Any
 from ...errors import ConfigError
 from ...models import decoder_layers
 from ...pack import Pack, load_pack
+from ...sinks import Sink
 from .engine import EngineMonitor
 from .options import SERVER_DEFAULT, RequestPolicy
 from .worker import PROCESS, is_missing, patch_runner, patch_scheduler, runner_classes, tap_layers, tapped_layers
@@ -27,7 +28,7 @@ def external_id(req_id: str) -> str:
 
 
 def install(runner: Any, *, pack: Pack | str | Path, detectors: Sequence[str] | None = None,
-            sinks: Sequence[Any] = (), capture_text: bool = True, fail_closed: bool = False,
+            sinks: Sequence[Sink] = (), capture_text: bool = True, fail_closed: bool = False,
             keep_events: bool = False, model_name: str | None = None, after_start: bool = False,
             request_policy: RequestPolicy = SERVER_DEFAULT) -> EngineMonitor | None:
     """Monitor ``runner``'s requests in this process; None on ranks that do not read (TP rank > 0, other stages).

@@ -25,9 +25,12 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import RequestPolicy, env_flag
+
+if TYPE_CHECKING:
+    from ...sinks import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ def _patch_load_model(cls: type, config: PluginConfig) -> None:
     cls._featurewatch_load = True  # type: ignore[attr-defined]
 
 
-def _sinks(config: PluginConfig) -> list[Any]:
+def _sinks(config: PluginConfig) -> list[Sink]:
     from ...alertlog import ALERT_LOGGER, JsonAlertLog
 
     alerts = logging.getLogger(ALERT_LOGGER)
@@ -145,7 +148,7 @@ def _sinks(config: PluginConfig) -> list[Any]:
         alerts.addHandler(handler)
         alerts.setLevel(logging.INFO)
         alerts.propagate = False
-    sinks: list[Any] = [JsonAlertLog(include_text=config.alert_text)]
+    sinks: list[Sink] = [JsonAlertLog(include_text=config.alert_text)]
     # Series reach /metrics when they land in the multiprocess directory the API server serves.
     if config.metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from ...metrics import PrometheusMetrics

@@ -36,14 +36,15 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage, UsageMetadata
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ..alert import Alert
-from ..generation import GenerationResult, render_prompt
-from ._langchain_common import ALERT_EVENT, router_for, run_metadata, to_chat
+from ...alert import Alert
+from ...generation import GenerationResult, render_prompt
+from .common import ALERT_EVENT, router_for, run_metadata, to_chat
 
 _RUN_KWARG = "featurewatch_run"  # carries the run id from stream()/astream() down to _stream()/_astream()
 Event = tuple[str, Any]  # ("text", str) | ("alert", Alert) | ("done", (GenerationResult, int)) | ("error", exc)
@@ -271,7 +272,7 @@ class ChatFeatureWatch(BaseChatModel):
         finally:
             cancelled.set()
 
-    # ------------------------------------------------------------------ results
+    # ------------------------------------------------------------------ reports → LangChain
     def _metadata(self, done: tuple[GenerationResult, int, bool]) -> tuple[UsageMetadata, dict[str, Any]]:
         result, n_prompt, stopped = done
         n_out = len(result.token_ids)
@@ -282,93 +283,71 @@ class ChatFeatureWatch(BaseChatModel):
         return usage, {"model_name": self.name_of_model, "finish_reason": finish,
                        "featurewatch": run_metadata(result.run)}
 
-    @staticmethod
-    def _alert_data(alert: Alert) -> dict[str, Any]:
-        return alert.model_dump(mode="json")
+    def _translate(self, event: Event) -> ChatGenerationChunk | Alert:
+        """One report of the worker as LangChain takes it: a chunk of text, the last chunk (usage and
+        ``response_metadata``), or an alert to dispatch; an error is raised."""
+        kind, payload = event
+        if kind == "error":
+            raise payload
+        if kind == "alert":
+            return payload
+        if kind == "text":
+            return ChatGenerationChunk(message=AIMessageChunk(content=payload))
+        usage, meta = self._metadata(payload)
+        return ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta,
+                                                          chunk_position="last"))
 
+    def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None,
+                kwargs: dict[str, Any], *, tokens: bool) -> Iterator[ChatGenerationChunk]:
+        """The generation as chunks; alerts go to the run's handlers, and text chunks to ``on_llm_new_token``
+        when ``tokens``."""
+        run_id, events = self._run(run_manager, kwargs, CallbackManager)
+        for event in self._events(messages, stop, run_id, kwargs):
+            item = self._translate(event)
+            if isinstance(item, Alert):
+                if events is not None:
+                    events.on_custom_event(ALERT_EVENT, item.model_dump(mode="json"), run_id=uuid.UUID(run_id))
+                continue
+            if tokens and run_manager is not None and event[0] == "text":
+                run_manager.on_llm_new_token(item.text, chunk=item)
+            yield item
+
+    async def _achunks(self, messages: list[BaseMessage], stop: list[str] | None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None, kwargs: dict[str, Any], *,
+                       tokens: bool) -> AsyncIterator[ChatGenerationChunk]:
+        """:meth:`_chunks` for the event loop."""
+        run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
+        async for event in self._aevents(messages, stop, run_id, kwargs):
+            item = self._translate(event)
+            if isinstance(item, Alert):
+                if events is not None:
+                    await events.on_custom_event(ALERT_EVENT, item.model_dump(mode="json"), run_id=uuid.UUID(run_id))
+                continue
+            if tokens and run_manager is not None and event[0] == "text":
+                await run_manager.on_llm_new_token(item.text, chunk=item)
+            yield item
+
+    # ------------------------------------------------------------------ LangChain's four entry points
+    # invoke() is the stream merged (langchain-core's generate_from_stream); it streams tokens to
+    # callbacks only where LangChain would (a streaming handler, or streaming=True)
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        run_id, events = self._run(run_manager, kwargs, CallbackManager)
-        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
         tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=False,
                                                                           run_manager=run_manager)
-        parts: list[str] = []
-        for kind, payload in self._events(messages, stop, run_id, kwargs):
-            if kind == "text":
-                parts.append(payload)
-                if tokens and run_manager is not None:
-                    run_manager.on_llm_new_token(payload, chunk=ChatGenerationChunk(message=AIMessageChunk(
-                        content=payload)))
-            elif kind == "alert":
-                if events is not None:
-                    events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
-            elif kind == "error":
-                raise payload
-            else:
-                usage, meta = self._metadata(payload)
-                message = AIMessage(content="".join(parts), usage_metadata=usage, response_metadata=meta)
-                return ChatResult(generations=[ChatGeneration(message=message)])
-        raise RuntimeError("the generation ended without a result")  # unreachable: _events ends with one
+        return generate_from_stream(self._chunks(messages, stop, run_manager, kwargs, tokens=tokens))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
-        # stream tokens to callbacks when LangChain would (a streaming handler, or streaming=True)
         tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=True,
                                                                           run_manager=run_manager)
-        parts: list[str] = []
-        async for kind, payload in self._aevents(messages, stop, run_id, kwargs):
-            if kind == "text":
-                parts.append(payload)
-                if tokens and run_manager is not None:
-                    await run_manager.on_llm_new_token(payload, chunk=ChatGenerationChunk(message=AIMessageChunk(
-                        content=payload)))
-            elif kind == "alert":
-                if events is not None:
-                    await events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
-            elif kind == "error":
-                raise payload
-            else:
-                usage, meta = self._metadata(payload)
-                message = AIMessage(content="".join(parts), usage_metadata=usage, response_metadata=meta)
-                return ChatResult(generations=[ChatGeneration(message=message)])
-        raise RuntimeError("the generation ended without a result")
+        return await agenerate_from_stream(self._achunks(messages, stop, run_manager, kwargs, tokens=tokens))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        run_id, events = self._run(run_manager, kwargs, CallbackManager)
-        for kind, payload in self._events(messages, stop, run_id, kwargs):
-            if kind == "text":
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=payload))
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(payload, chunk=chunk)
-                yield chunk
-            elif kind == "alert":
-                if events is not None:
-                    events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
-            elif kind == "error":
-                raise payload
-            else:
-                usage, meta = self._metadata(payload)
-                yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage,
-                                                                 response_metadata=meta, chunk_position="last"))
+        yield from self._chunks(messages, stop, run_manager, kwargs, tokens=True)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        run_id, events = self._run(run_manager, kwargs, AsyncCallbackManager)
-        async for kind, payload in self._aevents(messages, stop, run_id, kwargs):
-            if kind == "text":
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=payload))
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(payload, chunk=chunk)
-                yield chunk
-            elif kind == "alert":
-                if events is not None:
-                    await events.on_custom_event(ALERT_EVENT, self._alert_data(payload), run_id=uuid.UUID(run_id))
-            elif kind == "error":
-                raise payload
-            else:
-                usage, meta = self._metadata(payload)
-                yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage,
-                                                                 response_metadata=meta, chunk_position="last"))
+        async for chunk in self._achunks(messages, stop, run_manager, kwargs, tokens=True):
+            yield chunk

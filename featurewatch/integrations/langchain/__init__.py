@@ -26,8 +26,8 @@ from importlib.util import find_spec
 if find_spec("langchain_core") is None:  # pragma: no cover — exercised where LangChain is absent
     raise ImportError("featurewatch.integrations.langchain needs LangChain: pip install 'featurewatch[langchain]'")
 
-from ._langchain_chat import ChatFeatureWatch
-from ._langchain_common import ALERT_EVENT
-from ._langchain_handler import FeatureWatchCallbackHandler
+from .chat import ChatFeatureWatch
+from .common import ALERT_EVENT
+from .handler import FeatureWatchCallbackHandler
 
 __all__ = ["ALERT_EVENT", "ChatFeatureWatch", "FeatureWatchCallbackHandler"]

@@ -13,12 +13,17 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 
-from ..alert import Alert, RunResult
-from ..errors import ConfigError
+from ...alert import Alert, RunResult
+from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from ...monitor import Monitor
+
+T = TypeVar("T")
 
 ALERT_EVENT = "featurewatch.alert"
 """The name of the LangChain custom event each alert is dispatched as."""
@@ -46,18 +51,29 @@ class AlertRouter:
             self._listeners.pop(run_id, None)
 
 
-_ROUTERS: weakref.WeakKeyDictionary[Any, AlertRouter] = weakref.WeakKeyDictionary()
-_ROUTERS_LOCK = threading.Lock()
+class PerMonitor(Generic[T]):
+    """One ``T`` per monitor, made on first use and shared by every caller (it goes with the monitor)."""
+
+    def __init__(self, make: Callable[[Monitor], T]) -> None:
+        self._make = make
+        self._made: weakref.WeakKeyDictionary[Monitor, T] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __call__(self, monitor: Monitor) -> T:
+        with self._lock:
+            if monitor not in self._made:
+                self._made[monitor] = self._make(monitor)
+            return self._made[monitor]
 
 
-def router_for(monitor: Any) -> AlertRouter:
-    """The monitor's router, added to ``monitor.on_alert`` on first use."""
-    with _ROUTERS_LOCK:
-        router = _ROUTERS.get(monitor)
-        if router is None:
-            router = _ROUTERS[monitor] = AlertRouter()
-            monitor.on_alert.append(router)
-        return router
+def _new_router(monitor: Monitor) -> AlertRouter:
+    router = AlertRouter()
+    monitor.on_alert.append(router)
+    return router
+
+
+router_for = PerMonitor(_new_router)
+"""The monitor's router, added to ``monitor.on_alert`` on first use."""
 
 
 _ROLES: dict[type, str] = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}

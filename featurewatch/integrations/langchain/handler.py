@@ -36,23 +36,25 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 
-from ..alert import Alert, RunResult
-from ..errors import ConfigError, GenerationBlocked
-from ..generation import GenerationResult
-from ..records import Rendered, render_chat, render_text
-from ..session import Session, current_session
-from ._langchain_common import router_for, to_chat
+from ...alert import Alert, RunResult
+from ...errors import ConfigError, GenerationBlocked
+from ...generation import GenerationResult, StopBlocked, blocked_error, generation_results
+from ...records import Rendered, render_chat, render_text
+from ...session import Session, current_session
+from .common import PerMonitor, router_for, to_chat
+
+if TYPE_CHECKING:
+    from ...monitor import Monitor
 
 logger = logging.getLogger(__name__)
 MODES = ("shadow", "enforce")
@@ -90,11 +92,12 @@ def _claim(row: list[int], rendered: Rendered, special: set[int]) -> int | None:
 class _Binder:
     """Wraps one model's ``generate`` while LangChain runs are pending, and binds each call to its runs."""
 
-    def __init__(self, monitor: Any) -> None:
+    def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
+        self.model: Any = monitor.model  # nn.Module's stub does not know generate()
         self.pending: list[_Run] = []
         self.lock = threading.Lock()
-        self.original = monitor.model.generate
+        self.original: Any = self.model.generate
         self._saved: Any = None
         self._installed = False
 
@@ -102,7 +105,7 @@ class _Binder:
         with self.lock:
             self.pending.append(run)
             if not self._installed:
-                model = self.monitor.model
+                model = self.model
                 self._saved = model.__dict__.get("generate")
                 self.original = model.generate
                 model.generate = self.generate  # on the instance; the class is untouched
@@ -113,7 +116,7 @@ class _Binder:
             if run in self.pending:
                 self.pending.remove(run)
             if self._installed and not self.pending:
-                model = self.monitor.model
+                model = self.model
                 if self._saved is None:
                     model.__dict__.pop("generate", None)
                 else:
@@ -160,23 +163,13 @@ class _Binder:
         for r, hit in enumerate(claims):
             if hit:
                 hit[0].session, hit[0].row = session, r
-
-        class _Blocked:
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-                return torch.tensor([row.blocked for row in session.rows], device=input_ids.device)
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), _Blocked()])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                            StopBlocked(session)])
         try:
             with session:
                 out = original(*args, **kwargs)
             sequences = out.sequences if hasattr(out, "sequences") else out
-            tok = self.monitor.tokenizer
-            results = []
-            for r in range(len(rows)):
-                new = sequences[r, width:].tolist()
-                results.append(GenerationResult(run=session.result(r), prompt=tok.decode(rows[r]),
-                                                text=tok.decode(new, skip_special_tokens=True), token_ids=new,
-                                                session=session, row=r))
+            results = generation_results(session, rows, sequences, width, self.monitor.tokenizer)
             for hit in claims:
                 if hit:
                     hit[0].results = results
@@ -206,11 +199,13 @@ def _withhold(response: Any, run: _Run) -> None:
 
 
 def _blocked_error(run: _Run) -> GenerationBlocked:
-    results = run.results or ([GenerationResult(run=run.session.result(run.row), prompt="", text="", token_ids=[],
-                                                session=run.session, row=run.row)]
-                                if isinstance(run.session, Session) else [])
-    alerts = run.session.rows[run.row].alerts if isinstance(run.session, Session) else []
-    return GenerationBlocked(next(a for a in alerts if a.action == "block"), results)
+    """The error of a blocked run (its ``generate`` call's results, or the run alone if it has none yet)."""
+    assert isinstance(run.session, Session)
+    if run.results:
+        return blocked_error(run.results[run.row], run.results)
+    alone = GenerationResult(run=run.session.result(run.row), prompt="", text="", token_ids=[], session=run.session,
+                             row=run.row)
+    return blocked_error(alone, [alone])
 
 
 class FeatureWatchCallbackHandler(BaseCallbackHandler):
@@ -236,7 +231,7 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
 
     run_inline = True  # bind the run before the model starts, in the caller's thread or task
 
-    def __init__(self, monitor: Any, *, mode: str = "shadow", keep_runs: int = 1000) -> None:
+    def __init__(self, monitor: Monitor, *, mode: str = "shadow", keep_runs: int = 1000) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}; valid modes: {', '.join(MODES)}")
         if monitor.tokenizer is None:
@@ -347,14 +342,5 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
             store.popitem(last=False)
 
 
-_BINDERS: weakref.WeakKeyDictionary[Any, _Binder] = weakref.WeakKeyDictionary()
-_BINDERS_LOCK = threading.Lock()
-
-
-def _binder_for(monitor: Any) -> _Binder:
-    """One binder per monitor (so one wrapper per model), shared by all its handlers."""
-    with _BINDERS_LOCK:
-        binder = _BINDERS.get(monitor)
-        if binder is None:
-            binder = _BINDERS[monitor] = _Binder(monitor)
-        return binder
+_binder_for = PerMonitor(_Binder)
+"""One binder per monitor (so one wrapper per model), shared by all its handlers."""

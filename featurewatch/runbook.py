@@ -1,0 +1,69 @@
+"""The run book: how every engine opens a run, turns a firing into an alert, and closes the run.
+
+The transformers :class:`~featurewatch.monitor.Monitor` (and the LangChain surfaces, which run
+through it) and vLLM's :class:`~featurewatch.integrations.vllm.engine.EngineMonitor` drive
+different loops, but each of their runs goes through these three steps, written here once:
+
+* :meth:`RunBook.open` — a pool per (detector, phase), ``on_run_start``;
+* :meth:`RunBook.fire` — the alert with its evidence (:func:`~featurewatch.detection.record_alert`),
+  a ``block`` stopping the run, delivery to callbacks and sinks;
+* :meth:`RunBook.close` — the end-of-run verdicts (:func:`~featurewatch.detection.final_firings`,
+  only for a run that completed), its :class:`~featurewatch.alert.RunResult`
+  (:meth:`~featurewatch.session.RunState.result`), ``on_run_end``.
+
+A sink or callback fault marks the run degraded (fail-open), so the result its caller gets says so.
+What differs by engine stays with the engine: how a blocked run is stopped (a stopping criterion,
+vLLM's scheduler), and where results are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .alert import Alert, Outcome, RunResult
+from .detection import Firing, LabelLookup, final_firings, new_pools, record_alert
+from .detector import DetectorSpec
+from .readout import Readout
+from .session import RunState
+from .sinks import Fanout
+
+
+class RunBook:
+    """One engine's runs: opened, fired on and closed the same way as every other engine's."""
+
+    def __init__(self, fanout: Fanout, *, model_name: str, clock: Callable[[], float], tokenizer: Any = None,
+                 labels: LabelLookup | None = None) -> None:
+        self.fanout = fanout
+        self.model_name = model_name
+        self.clock = clock
+        self.tokenizer = tokenizer
+        """Decodes an alert's span to text; None when the operator does not capture text."""
+        self.labels = labels
+
+    def open(self, run: RunState, detectors: Sequence[DetectorSpec]) -> None:
+        """Give a new run its pools and announce it to the sinks."""
+        new_pools(run, detectors)
+        if not self.fanout.emit("on_run_start", run_id=run.run_id, model_name=self.model_name):
+            run.degraded = True
+
+    def fire(self, run: RunState, firing: Firing, *, blocking: bool = True) -> Alert:
+        """Record a firing's alert in its run, block the run (``block``, not at the end, when
+        ``blocking``), and deliver the alert."""
+        alert = record_alert(firing, run, model_name=self.model_name, fired_at=self.clock(),
+                             tokenizer=self.tokenizer, labels=self.labels)
+        if firing.spec.action == "block" and not firing.final and blocking:
+            run.blocked = True
+        if not self.fanout.alert(alert):
+            run.degraded = True
+        return alert
+
+    def close(self, run: RunState, readouts: Sequence[Readout], outcome: Outcome) -> RunResult:
+        """End a run: its end-of-run verdicts if it completed, its result, ``on_run_end``."""
+        if outcome == "completed":
+            for firing in final_firings(readouts, [run]):
+                self.fire(run, firing)
+        result = run.result(model_name=self.model_name, outcome=outcome, ended_at=self.clock())
+        if not self.fanout.emit("on_run_end", result):
+            result.degraded = run.degraded = True  # the result the caller gets says so, as the fault's log line does
+        return result
