@@ -7,38 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from conftest import concept_pack
 from featurewatch import models
 from featurewatch.cli import main
 from featurewatch.redteam import NEUTRAL_REQUESTS, distinct_word_ratio
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def concept_pack(root: Path, *, probe_threshold: float = 0.0) -> Path:
-    """The tiny model's pack with a ``demo`` SAE detector, its ``demo-probe`` and feature statistics.
-
-    Thresholds at 0 and a probe of constant sign make both fire on some replies, so every
-    column of the report has something in it.
-    """
-    from safetensors.torch import save_file
-
-    from conftest import make_pack
-
-    pack = make_pack(root, d_in=16, d_sae=8, hookpoint="layers.1", detectors=[
-        {"name": "demo", "description": "test concept", "kind": "sae", "hookpoint": "layers.1",
-         "features": [{"id": 1, "weight": 1.0, "label": "one"}, {"id": 2, "weight": 2.0, "label": "two"}],
-         "threshold": 0.0, "pooling": {"method": "mean", "min_tokens": 1}, "phases": ["prompt", "completion"]},
-        {"name": "demo-probe", "description": "test concept (probe)", "kind": "probe", "hookpoint": "layers.1",
-         "probe_weights": "probes/demo-probe.safetensors", "threshold": probe_threshold,
-         "pooling": {"method": "mean", "min_tokens": 1}, "phases": ["prompt", "completion"]}])
-    (pack / "probes").mkdir(exist_ok=True)
-    save_file({"weight": torch.linspace(-1, 1, 16)}, str(pack / "probes" / "demo-probe.safetensors"))
-    (pack / "features.json").write_text(json.dumps({"layers.1": [
-        {"id": i, "max_activation": 1.0 + i, "density": 0.01 * (i + 1), "label": f"feature {i}",
-         "top_contexts": [f"a context of« {i}»"]} for i in range(8)]}))
-    return pack
 
 
 @pytest.fixture(scope="module")
