@@ -97,9 +97,13 @@ def coactivation_neighbours(model: Any, tokenizer: Any, sae: SparseAutoencoder, 
 
 
 def describe(pack: Pack, hookpoint: str, n: Neighbour, kind: str) -> dict[str, Any]:
-    """A neighbour as people and programs read it: id, similarity, label, density, top context."""
+    """A neighbour as people and programs read it: id, similarity, name (``#id label``, or the tokens it fires on
+    when it has no label), label, density, top context."""
+    from .display import feature_name
+
     info = pack.features.get(hookpoint, {}).get(n.feature)
-    row: dict[str, Any] = {"feature": n.feature, kind: n.similarity}
+    row: dict[str, Any] = {"feature": n.feature, kind: n.similarity,
+                           "name": feature_name(pack, hookpoint, n.feature, 80)}
     if n.both is not None:
         row["tokens_both"] = n.both
     row.update(label=info.label if info else None, density=info.density if info else None,
@@ -129,18 +133,21 @@ def draw_map(sae: SparseAutoencoder, feature: int, neighbours: Sequence[Neighbou
         raise ConfigError("--map needs matplotlib: pip install 'featurewatch[plot]'") from exc
     ids = [feature, *(n.feature for n in neighbours)]
     xy = projection(sae, ids).numpy()
-    sims = [1.0, *(n.similarity for n in neighbours)]
+    sims = [n.similarity for n in neighbours]
     fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=100)
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=sims, cmap="viridis", vmin=min(sims), vmax=1.0, s=60, zorder=2)
-    ax.scatter(xy[:1, 0], xy[:1, 1], s=220, facecolors="none", edgecolors="tab:red", linewidths=2, zorder=3)
+    if neighbours:
+        points = ax.scatter(xy[1:, 0], xy[1:, 1], c=sims, cmap="viridis", s=60, zorder=2)
+        fig.colorbar(points, ax=ax, label=f"decoder cosine with #{feature}")
+    ax.scatter(xy[:1, 0], xy[:1, 1], s=140, color="tab:red", edgecolors="black", zorder=3)
     for (x, y), f in zip(xy, ids):
         text = labels.get(f) or ""
-        ax.annotate(f"#{f} {text[:38]}".strip(), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    fig.colorbar(points, ax=ax, label=f"decoder cosine with #{feature}")
+        ax.annotate(f"#{f} {text[:38]}".strip(), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                    fontweight="bold" if f == feature else "normal")
+    ax.margins(x=0.35, y=0.15)  # room for the labels right of the points
     ax.set_xlabel("PC 1 of the decoder directions")
     ax.set_ylabel("PC 2")
     ax.grid(alpha=0.3)
-    ax.set_title(title or f"neighbourhood of feature #{feature}")
+    ax.set_title(title or f"feature #{feature} and its {len(neighbours)} nearest by decoder cosine", fontsize=10)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)

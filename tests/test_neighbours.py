@@ -73,7 +73,7 @@ def test_inspect_neighbours_json_shape(pack: Path, capsys: Any, no_model: None) 
     assert row["feature"] == 2 and set(row["neighbours"]) == {"decoder"}  # no corpus: no co-activation
     near = row["neighbours"]["decoder"]
     assert len(near) == 3 and 2 not in [n["feature"] for n in near]
-    assert set(near[0]) == {"feature", "cosine", "label", "density", "top_context"}
+    assert set(near[0]) == {"feature", "cosine", "name", "label", "density", "top_context"}
     assert near[0]["label"] == f"feature {near[0]['feature']}" and near[0]["top_context"].startswith("a context")
     assert [n["cosine"] for n in near] == sorted((n["cosine"] for n in near), reverse=True)
 
@@ -122,7 +122,7 @@ def test_explain_lists_three_neighbours_per_readout_feature(pack: Path, capsys: 
     code, out, err = run(capsys, "explain", "demo", "--pack", str(pack), "--neighbours", "0", "--json")
     assert code == 0 and all("neighbours" not in r for r in json.loads(out)["features"])
     code, out, err = run(capsys, "explain", "demo", "--pack", str(pack))
-    assert code == 0 and len(re.findall(r"^        near #\d+ \(cos [+-]\d\.\d\d\) feature \d", out, re.M)) == 6
+    assert code == 0 and len(re.findall(r"^        near #\d+ feature \d \(cos [+-]\d\.\d\d\)", out, re.M)) == 6
 
 
 def test_explain_input_is_checked_before_the_model_loads(pack: Path, tmp_path: Path, capsys: Any,

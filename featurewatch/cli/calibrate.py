@@ -369,7 +369,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             extra = ""
             if n.get("auroc") is not None:
                 extra = f", AUROC {n['auroc']:.3f}" + ("  ▲ separates the data better" if n["better"] else "")
-            print(f"        near #{n['feature']} (cos {n['cosine']:+.2f}{extra}) {n['label'] or '(unlabelled)'}")
+            print(f"        near {n['name']} (cos {n['cosine']:+.2f}{extra})")
     if data:
         flagged = [(r["id"], n["feature"]) for r in out["features"] for n in r.get("neighbours", []) if n["better"]]
         if flagged:

@@ -89,7 +89,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         names = {f: feature_name(pack, hp, f, 60) for f in [feature, *(n.feature for n in near)]}
         labels = {f: name.split(" ", 1)[1] if " " in name else "" for f, name in names.items()}
         path = draw_map(sae, feature, near, labels, args.map,
-                        title=f"{feature_name(pack, hp, feature, 60)} and its {len(near)} nearest ({pack.name}, {hp})")
+                        title=f"#{feature} and its {len(near)} nearest by decoder cosine ({pack.name}, {hp})")
         print(f"map written to {path}", file=sys.stderr)
     if args.json:
         for row in out:
@@ -126,4 +126,5 @@ def neighbours_of(pack: Any, hp: str, feature: int, k: int, coactive: list[Any] 
 def neighbour_line(n: dict[str, Any], key: str) -> str:
     density = "—" if n["density"] is None else f"{n['density']:.4f}"
     context = f"  {n['top_context']}" if n["top_context"] else ""
-    return f"#{n['feature']:<6} {key} {n[key]:+.3f}  density {density}  {n['label'] or '(unlabelled)'}{context}"
+    name = n["name"].split(" ", 1)[1] if " " in n["name"] else "(unlabelled)"
+    return f"#{n['feature']:<6} {key} {n[key]:+.3f}  density {density}  {name}{context}"
