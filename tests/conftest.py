@@ -239,6 +239,32 @@ def make_pack(root: Any, *, d_in: int = 576, d_sae: int = 64, hookpoint: str = "
     return root
 
 
+def concept_pack(root: Any, *, probe_threshold: float = 0.0) -> Any:
+    """The tiny model's pack with a ``demo`` SAE detector, its ``demo-probe`` and feature statistics.
+
+    Thresholds at 0 and a probe of constant sign make both fire on some replies, so every
+    column of the report has something in it.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    pack = make_pack(Path(root), d_in=16, d_sae=8, hookpoint="layers.1", detectors=[
+        {"name": "demo", "description": "test concept", "kind": "sae", "hookpoint": "layers.1",
+         "features": [{"id": 1, "weight": 1.0, "label": "one"}, {"id": 2, "weight": 2.0, "label": "two"}],
+         "threshold": 0.0, "pooling": {"method": "mean", "min_tokens": 1}, "phases": ["prompt", "completion"]},
+        {"name": "demo-probe", "description": "test concept (probe)", "kind": "probe", "hookpoint": "layers.1",
+         "probe_weights": "probes/demo-probe.safetensors", "threshold": probe_threshold,
+         "pooling": {"method": "mean", "min_tokens": 1}, "phases": ["prompt", "completion"]}])
+    (pack / "probes").mkdir(exist_ok=True)
+    save_file({"weight": torch.linspace(-1, 1, 16)}, str(pack / "probes" / "demo-probe.safetensors"))
+    (pack / "features.json").write_text(json.dumps({"layers.1": [
+        {"id": i, "max_activation": 1.0 + i, "density": 0.01 * (i + 1), "label": f"feature {i}",
+         "top_contexts": [f"a context of« {i}»"]} for i in range(8)]}))
+    return pack
+
+
 # --- the command line on a tiny model: a real `--model DIR` that loads in about a second ---
 
 

@@ -1,11 +1,11 @@
-"""The ``featurewatch`` command line: run, score, eval, explain, discover, calibrate, inspect, steer, train-sae,
-export-model, ui.
+"""The ``featurewatch`` command line: run, score, eval, explain, discover, calibrate, inspect, steer, redteam,
+train-sae, export-model, ui.
 
 Output a person reads goes to stdout as text; ``--json`` switches to JSON for
 programs. Progress bars and notes go to stderr. Bad input exits with code 2
 and one line, ``featurewatch: error: <what is wrong and the fix>``; Ctrl-C
 exits with 130 and one line. Each command family is a module of this package
-(``run``, ``score``, ``inspect``, ``steer``, ``train``, ``calibrate``, ``export``, ``ui``) with a
+(``run``, ``score``, ``inspect``, ``steer``, ``redteam``, ``train``, ``calibrate``, ``export``, ``ui``) with a
 ``register(subparsers)``; shared option types and early checks are in
 ``_common``. Formats and the data flow: docs/architecture.md.
 """
@@ -19,11 +19,11 @@ import sys
 from typing import Sequence
 
 from ..errors import FeatureWatchError
-from . import calibrate, export, inspect, run, score, steer, train, ui
+from . import calibrate, export, inspect, redteam, run, score, steer, train, ui
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = (run, score, calibrate, inspect, steer, train, export, ui)
+_COMMANDS = (run, score, calibrate, inspect, steer, redteam, train, export, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

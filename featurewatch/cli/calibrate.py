@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._common import (
+    NON_NEGATIVE,
     POSITIVE,
     CLIError,
     add_model_args,
@@ -75,9 +76,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser("explain", help="what a detector reads: features, weights, labels, top contexts, shares "
                             "(at each feature's max activation)")
     p.add_argument("detector", metavar="DETECTOR", help="detector name in the pack")
-    p.add_argument("--pack", default=None, help="pack name or directory (default: smollm2-135m-instruct)")
     p.add_argument("--contexts", type=POSITIVE, default=3, help="top contexts shown per feature")
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--neighbours", type=NON_NEGATIVE, default=3, metavar="K",
+                   help="nearest features by decoder cosine listed per readout feature (default 3; 0: none)")
+    p.add_argument("--input", action="append", default=[], metavar="F.jsonl",
+                   help="labelled JSONL (repeatable): each readout feature's and neighbour's AUROC on it, and a "
+                        "flag where a neighbour separates the data better (loads the model)")
+    _common(p, detectors=False)
     p.set_defaults(func=cmd_explain)
 
 
@@ -326,8 +331,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CLIError(f"detector {args.detector!r} is not in pack {pack.name}; "
                        f"valid: {', '.join(sorted(pack.detectors))}")
     spec = pack.detectors[args.detector]
+    for path in args.input:
+        check_input(path, "--input")
+    if args.input and spec.kind != "sae":
+        raise CLIError(f"--input: {spec.name} is a dense probe; it has no features whose neighbours could be "
+                       "compared")
     infos = {i: info.model_dump() for i, info in pack.features.get(spec.hookpoint, {}).items()}
     out = explain(spec.model_dump(), infos, contexts=args.contexts)
+    if spec.kind == "sae" and (args.neighbours or args.input):
+        _readout_neighbours(args, pack, spec, out)
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
         return 0
@@ -343,11 +355,67 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("  share = |wᵢ · max activationᵢ| / Σ: what each feature can add to the score at its largest")
     elif out["share_basis"] is None:
         print("  share: — (the pack's features.json gives no max activation for every feature)")
+    data = out.get("data")
+    if data:
+        print(f"  AUROC: of each feature's mean {data['phase']} activation on {data['n_pos']} positives vs "
+              f"{data['n_neg']} negatives ({', '.join(data['inputs'])}), oriented by the weight's sign")
     for r in out["features"]:
         share = f"{r['share']:.0%}" if r["share"] is not None else "—"
-        print(f"  #{r['id']:<5} w={r['weight']:+8.3f}  share {share:>4}  {r['label'] or '(unlabelled)'}")
+        auroc = f"  AUROC {r['auroc']:.3f}" if r.get("auroc") is not None else ""
+        print(f"  #{r['id']:<5} w={r['weight']:+8.3f}  share {share:>4}{auroc}  {r['label'] or '(unlabelled)'}")
         for c in r["top_contexts"]:
             print(f"        {c}")
+        for n in r.get("neighbours", []):
+            extra = ""
+            if n.get("auroc") is not None:
+                extra = f", AUROC {n['auroc']:.3f}" + ("  ▲ separates the data better" if n["better"] else "")
+            print(f"        near {n['name']} (cos {n['cosine']:+.2f}{extra})")
+    if data:
+        flagged = [(r["id"], n["feature"]) for r in out["features"] for n in r.get("neighbours", []) if n["better"]]
+        if flagged:
+            print(f"  hint: {len({f for f, _ in flagged})} readout feature(s) have a neighbour that separates the "
+                  "data better (the readout may have picked the wrong member of a cluster): "
+                  + ", ".join(f"#{f} → #{g}" for f, g in flagged))
+        else:
+            print(f"  no neighbour separates the data better than the readout feature it is near (margin "
+                  f"{BETTER_MARGIN})")
     if spec.calibration and spec.calibration.notes:
         print(f"  calibration: {spec.calibration.notes}")
     return 0
+
+
+BETTER_MARGIN = 0.02
+"""A neighbour "separates the data better" when its AUROC beats the readout feature's by more than this."""
+
+
+def _readout_neighbours(args: argparse.Namespace, pack: Any, spec: Any, out: dict[str, Any]) -> None:
+    """Add each readout feature's nearest neighbours (decoder cosine) to ``out``; with ``--input``, their AUROCs."""
+    from ..models import normalize_hookpoint
+    from ..neighbours import decoder_neighbours, describe
+
+    hp = normalize_hookpoint(spec.hookpoint)
+    sae = pack.saes[hp]
+    k = args.neighbours or 3
+    for row in out["features"]:
+        row["neighbours"] = [describe(pack, hp, n, "cosine") for n in decoder_neighbours(sae, row["id"], k)]
+    if not args.input:
+        return
+    from ..calibration.fit import feature_aurocs
+
+    phase = spec.phases[0] if len(spec.phases) == 1 else "all"
+    sets = _pooled(args, pack, args.input, phase, sae=True)
+    X = np.concatenate([s.features for s in sets])
+    y = np.concatenate([s.data.labels for s in sets])
+    if y.min() == y.max():
+        raise CLIError(f"--input: the records are all label {int(y[0])}; AUROC needs positives and negatives")
+    au = feature_aurocs(X, y)
+    out["data"] = {"inputs": [Path(p).name for p in args.input], "phase": phase, "n_pos": int(y.sum()),
+                   "n_neg": int(len(y) - y.sum()), "margin": BETTER_MARGIN}
+    for row in out["features"]:
+        def oriented(feature: int, weight: float = row["weight"]) -> float:
+            return round(float(au[feature] if weight > 0 else 1 - au[feature]), 4)
+
+        row["auroc"] = oriented(row["id"])
+        for n in row["neighbours"]:
+            n["auroc"] = oriented(n["feature"])
+            n["better"] = n["auroc"] > row["auroc"] + BETTER_MARGIN

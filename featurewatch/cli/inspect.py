@@ -1,13 +1,19 @@
-"""``featurewatch inspect``: a feature's statistics and top-activating contexts, for labelling."""
+"""``featurewatch inspect``: a feature's statistics, top-activating contexts and neighbours, for labelling.
+
+``--neighbours K`` adds the K nearest features by decoder cosine (and, with
+``--corpus``, by co-activation there), each with its label, density and top
+context; ``--map OUT.png`` draws the neighbourhood (:mod:`featurewatch.neighbours`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..errors import FeatureOutOfRange
-from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, load_model, progress
+from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, load_model, open_output, progress
 
 
 def register(sub: Any) -> None:
@@ -18,6 +24,12 @@ def register(sub: Any) -> None:
     p.add_argument("--corpus", help="JSONL records to find top contexts in (default: the pack's stored ones)")
     p.add_argument("--records", type=POSITIVE, default=400, help="records of --corpus to scan (>= 1)")
     p.add_argument("--model", help="model for --corpus (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--neighbours", type=POSITIVE, metavar="K", help=(
+        "the K nearest features by decoder cosine (and by co-activation on --corpus), with label, density and "
+        "top context"))
+    p.add_argument("--map", metavar="OUT.png", help=(
+        "write a 2-D map of one FEATURE's neighbourhood: PCA of the decoder directions of it and its "
+        "--neighbours K (default 8) nearest, points labelled"))
     p.add_argument("--json", action="store_true", help="one JSON object per feature")
     p.set_defaults(func=cmd_inspect)
 
@@ -35,20 +47,50 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     bad = [f for f in args.features if not 0 <= f < sae.d_sae]
     if bad:
         raise FeatureOutOfRange(f"feature(s) {bad} out of range; the SAE at {hp} has 0 … {sae.d_sae - 1}")
+    if args.map:
+        if len(args.features) != 1:
+            raise CLIError(f"--map draws one feature's neighbourhood; give one FEATURE, not {len(args.features)}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--map needs matplotlib: pip install 'featurewatch[plot]'") from None
+        open_output(args.map, "--map").close()  # a bad path fails now, not after the corpus pass
+    k = args.neighbours or (8 if args.map else 0)
     live: dict[int, list[Any]] = {}
+    coactive: dict[int, list[Any]] = {}
     if corpus is not None:
         from ..calibration.discover import top_contexts
+        from ..neighbours import coactivation_neighbours
+        from ..records import load_records
 
         loaded = load_model(args)
         live = top_contexts(loaded.model, loaded.tokenizer, sae, hp, str(corpus), list(args.features),
                             n_records=args.records, progress=progress())
+        if args.neighbours:
+            coactive = coactivation_neighbours(loaded.model, loaded.tokenizer, sae, hp,
+                                               load_records(corpus)[:args.records], list(args.features),
+                                               args.neighbours, progress=progress())
     out = []
     for feature in args.features:
         summary = pack.feature_summary(hp, feature)
-        out.append({"feature": feature, "hookpoint": hp, "name": feature_name(pack, hp, feature, 200),
-                    "label": summary["label"], "max_activation": summary["max_activation"],
-                    "density": summary["density"], "used_by": [u["detector"] for u in summary["used_by"]],
-                    "top_contexts": live.get(feature, []) if corpus else summary["top_contexts"]})
+        row = {"feature": feature, "hookpoint": hp, "name": feature_name(pack, hp, feature, 200),
+               "label": summary["label"], "max_activation": summary["max_activation"],
+               "density": summary["density"], "used_by": [u["detector"] for u in summary["used_by"]],
+               "top_contexts": live.get(feature, []) if corpus else summary["top_contexts"]}
+        if args.neighbours:
+            row["neighbours"] = neighbours_of(pack, hp, feature, args.neighbours, coactive.get(feature)
+                                              if corpus else None)
+        out.append(row)
+    if args.map:
+        from ..neighbours import decoder_neighbours, draw_map
+
+        feature = args.features[0]
+        near = decoder_neighbours(sae, feature, k)
+        names = {f: feature_name(pack, hp, f, 60) for f in [feature, *(n.feature for n in near)]}
+        labels = {f: name.split(" ", 1)[1] if " " in name else "" for f, name in names.items()}
+        path = draw_map(sae, feature, near, labels, args.map,
+                        title=f"#{feature} and its {len(near)} nearest by decoder cosine ({pack.name}, {hp})")
+        print(f"map written to {path}", file=sys.stderr)
     if args.json:
         for row in out:
             print(json.dumps(row, ensure_ascii=False))
@@ -61,5 +103,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  top-activating contexts (the token in «»)" + (f" in {args.corpus}:" if corpus else ":"))
         for c in row["top_contexts"]:
             print(f"    {c}" if isinstance(c, str) else f"    [{c['activation']:6.2f}] {c['context']}")
+        for kind, title in (("decoder", "by decoder cosine"), ("coactivation", f"by co-activation in {args.corpus} "
+                                                                                "(Jaccard of firing tokens)")):
+            if kind in row.get("neighbours", {}):
+                print(f"  nearest features {title}:")
+                for n in row["neighbours"][kind]:
+                    print("    " + neighbour_line(n, "cosine" if kind == "decoder" else "jaccard"))
         print()
     return 0
+
+
+def neighbours_of(pack: Any, hp: str, feature: int, k: int, coactive: list[Any] | None) -> dict[str, Any]:
+    """``{"decoder": [...], "coactivation": [...]}`` (the latter only when a corpus was read)."""
+    from ..neighbours import decoder_neighbours, describe
+
+    out = {"decoder": [describe(pack, hp, n, "cosine") for n in decoder_neighbours(pack.saes[hp], feature, k)]}
+    if coactive is not None:
+        out["coactivation"] = [describe(pack, hp, n, "jaccard") for n in coactive]
+    return out
+
+
+def neighbour_line(n: dict[str, Any], key: str) -> str:
+    density = "—" if n["density"] is None else f"{n['density']:.4f}"
+    context = f"  {n['top_context']}" if n["top_context"] else ""
+    name = n["name"].split(" ", 1)[1] if " " in n["name"] else "(unlabelled)"
+    return f"#{n['feature']:<6} {key} {n[key]:+.3f}  density {density}  {name}{context}"
