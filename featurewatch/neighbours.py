@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._plot import pyplot
 from .errors import ConfigError
 from .hooks import forward_until
 from .positions import excluded_positions
@@ -124,13 +125,7 @@ def projection(sae: SparseAutoencoder, features: Sequence[int]) -> torch.Tensor:
 def draw_map(sae: SparseAutoencoder, feature: int, neighbours: Sequence[Neighbour], labels: dict[int, str],
              path: str | Path, *, title: str = "") -> Path:
     """Write a PNG of ``feature`` and its neighbours in the plane of their decoder directions (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("--map needs matplotlib: pip install 'featurewatch[plot]'") from exc
+    plt = pyplot("--map")
     ids = [feature, *(n.feature for n in neighbours)]
     xy = projection(sae, ids).numpy()
     sims = [n.similarity for n in neighbours]

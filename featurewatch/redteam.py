@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._plot import pyplot
 from .alert import RunResult
 from .errors import ConfigError
 from .intervention import Intervention
@@ -327,13 +328,7 @@ def records(result: RedteamResult, target: Target) -> list[dict[str, Any]]:
 
 def plot(result: RedteamResult, path: str | Path) -> Path:
     """A PNG of concept rate, the detector's recall and fluency against strength (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("--plot needs matplotlib: pip install 'featurewatch[plot]'") from exc
+    plt = pyplot("--plot")
     pts = [p for p in result.points if p.strength is not None]
     x = [float(p.strength or 0.0) for p in pts]
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)

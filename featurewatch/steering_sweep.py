@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from ._plot import pyplot
 from .errors import ConfigError
 from .generation import render_prompt
 from .hooks import hooked, unwrap
@@ -306,13 +307,7 @@ def _targets(monitor: Monitor, interventions: Sequence[Intervention]) -> list[tu
 
 def plot(result: SweepResult, path: str | Path) -> Path:
     """Write a PNG of KL / ΔCE and the concept rate against strength (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("--plot needs matplotlib: pip install 'featurewatch[plot]'") from exc
+    plt = pyplot("--plot")
     pts = [p for p in result.points if p.strength is not None]
     if not pts:
         raise ConfigError("nothing to plot: the sweep has no steered point")
