@@ -124,6 +124,17 @@ def tiny_monitor(tiny_llama: Any, tiny_tokenizer: TinyTokenizer) -> Iterator[Cal
         monitor.detach()
 
 
+@pytest.fixture()
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model (its input checks came too late)."""
+    from featurewatch import models
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
 @pytest.fixture(scope="session")
 def smollm() -> Any:
     """The real embedded SmolLM2-135M-Instruct (loaded once per test session)."""

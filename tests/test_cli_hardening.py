@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command loads a model (its input checks came too late)."""
-
-    def refuse(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-
-
-@pytest.fixture()
 def good(tmp_path: Path) -> Path:
     p = tmp_path / "good.jsonl"
     p.write_text('{"id": "a", "text": "fine", "label": 1}\n', encoding="utf-8")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import build_sae, concept_pack
-from featurewatch import models
 from featurewatch.cli import main
 from featurewatch.neighbours import decoder_neighbours, projection
 
@@ -21,14 +20,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: Any) -> Path:
     return concept_pack(tmp_path_factory.mktemp("neighbours") / "pack")
-
-
-@pytest.fixture()
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from conftest import concept_pack
-from featurewatch import models
 from featurewatch.cli import main
 from featurewatch.redteam import NEUTRAL_REQUESTS, distinct_word_ratio
 
@@ -19,14 +18,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: Any) -> Path:
     return concept_pack(tmp_path_factory.mktemp("redteam") / "pack")
-
-
-@pytest.fixture()
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
