@@ -179,6 +179,7 @@ def test_calibrate_checks_name_weights_and_watch_before_the_model_loads(good: Pa
     (["calibrate", "--name", "x", "--input", "x", "--target-fpr", "1.5"], "--target-fpr"),
     (["calibrate", "--name", "x", "--input", "x", "--target-fpr", "nan"], "--target-fpr"),
     (["calibrate", "--name", "x", "--input", "x", "--max-features", "0"], "--max-features"),
+    (["calibrate", "--name", "x", "--input", "x", "--max-features", "129"], "--max-features"),
     (["calibrate", "--name", "x", "--input", "x", "--min-tokens", "0"], "--min-tokens"),
     (["inspect", "1", "--records", "0"], "--records"),
     (["train-sae", "--corpus", "x", "--out", "o", "--lr", "0"], "--lr"),

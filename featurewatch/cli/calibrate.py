@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..detector import MAX_SAE_FEATURES
 from ._common import (
     NON_NEGATIVE,
     POSITIVE,
@@ -25,6 +26,7 @@ from ._common import (
     check_input,
     check_output_dir,
     float_range,
+    int_range,
     load_model,
     load_pack_checked,
     progress,
@@ -49,7 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--phase", choices=PHASE_CHOICES, default="all", help="phase whose tokens are pooled for fitting")
     p.add_argument("--watch", default=None, help="phases the detector watches, comma-separated (default: --phase)")
     p.add_argument("--kind", choices=["sae", "probe", "both"], default="both")
-    p.add_argument("--max-features", type=POSITIVE, default=64, help="features in the SAE readout (>= 1)")
+    p.add_argument("--max-features", type=int_range(1, MAX_SAE_FEATURES), default=64,
+                   help=f"features in the SAE readout (1 … {MAX_SAE_FEATURES}, the spec's limit)")
     p.add_argument("--target-fpr", type=float_range(0, 1, lo_open=True, hi_open=True), default=0.01,
                    help="false-positive rate the threshold is set at, in (0, 1)")
     p.add_argument("--min-tokens", type=POSITIVE, default=8,
