@@ -32,6 +32,9 @@ class FeatureEvidence(BaseModel):
     label: str | None = None
     activation: float
     contribution: float
+    share: float | None = Field(default=None, description=(
+        "contribution / Σ |contribution| over every watched feature of the detector (and the unexplained "
+        "part of a dense detector's score)"))
 
 
 class Alert(BaseModel):
@@ -50,6 +53,11 @@ class Alert(BaseModel):
     span: tuple[int, int] = Field(description="token positions [start, end) that drove the alert")
     text: str | None = Field(default=None, description="the span's text; None when text capture is off")
     evidence: list[FeatureEvidence] = Field(default_factory=list)
+    unexplained: float | None = Field(default=None, description=(
+        "dense (probe) detectors explained in SAE features: the part of the mean token score that no "
+        "evidence feature carries (the SAE's error and unwatched features), bias and decoder bias excluded"))
+    unexplained_share: float | None = Field(default=None, description=(
+        "|unexplained| / (Σ |contributions| + |unexplained|)"))
     started_at: float = Field(description="unix time the run started")
     fired_at: float = Field(description="unix time the alert fired")
 
