@@ -848,3 +848,147 @@ def test_the_offline_page_shades_a_dropped_score_file(ui: Any, browser: Driver, 
                            "return t.length === 2 && t.map(e => getComputedStyle(e).backgroundColor)")
     hot, cold = rgb(colours[0]), rgb(colours[1])
     assert hot[0] > hot[2] and cold[2] > cold[0]
+
+
+# --------------------------------------------------------------------------- the page's rules, in the browser
+class OtherOrigin:
+    """Pages on another local origin (another port of 127.0.0.1), served by the same real stack."""
+
+    def __init__(self, pages: dict[str, str]) -> None:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import HTMLResponse
+        from starlette.routing import Route
+
+        from featurewatch.ui.server import bind_socket
+
+        def page(html: str) -> Any:
+            async def endpoint(request: Any) -> HTMLResponse:
+                return HTMLResponse(html)
+            return endpoint
+
+        self.socket = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/"
+        app = Starlette(routes=[Route(f"/{name}", page(html)) for name, html in pages.items()])
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.socket.close()
+
+
+def test_pages_on_another_origin_cannot_start_a_run(ui: Any, browser: Driver, monkeypatch: Any) -> None:
+    """The issue: a page on another local origin started a generation with a plain form or a no-cors fetch
+    (the server log showed 415 then 202: the refused request's body was read as a second request)."""
+    server, _ = ui
+    target = f"{server.url}api/runs"
+    inner_body = json.dumps({"prompt": "smuggled from a page", "max_new_tokens": 1})
+    inner = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(inner_body)}\r\n\r\n{inner_body}")
+    form = (f'<form id="f" method="POST" action="{target}" enctype="text/plain">'
+            '<input name=\'{"prompt": "form attack", "max_new_tokens": 1, "x": "\' value=\'"}\'></form>'
+            '<script>document.getElementById("f").submit()</script>')
+    smuggling_form = (f'<form id="f" method="POST" action="{target}" enctype="text/plain">'
+                      f'<textarea name="x">{json.dumps(inner)[1:-1]}</textarea></form>'
+                      '<script>const t = document.querySelector("textarea");'
+                      't.value = JSON.parse(\'"\' + t.value + \'"\'); document.getElementById("f").submit()</script>')
+    fetches = f"""<script>
+        const inner = {json.dumps(inner)};
+        Promise.allSettled([
+          fetch({json.dumps(target)}, {{method: "POST", mode: "no-cors", body: "\\r\\n" + inner}}),
+          fetch({json.dumps(target)}, {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+                body: JSON.stringify({{prompt: "no-cors attack", max_new_tokens: 1}})}}),
+          fetch({json.dumps(target)}, {{method: "POST", headers: {{"Content-Type": "application/json"}},
+                body: JSON.stringify({{prompt: "cors attack", max_new_tokens: 1}})}}),
+        ]).then((r) => {{ document.title = "sent " + r.map((x) => x.status).join(","); }});
+        </script>"""
+    refused: list[tuple[str, str, int]] = []
+    guard = server.asgi
+    real = guard.refusal
+
+    def recording(scope: Any) -> Any:  # the real check, with a record of what it refused
+        answer = real(scope)
+        if answer is not None:
+            refused.append((scope["method"], scope["path"], answer.status_code))
+        return answer
+
+    monkeypatch.setattr(guard, "refusal", recording)
+    other = OtherOrigin({"form": form, "smuggle": smuggling_form, "fetch": fetches})
+    before = len(server.app.runs)
+    try:
+        for name in ("form", "smuggle"):
+            browser.get(other.url + name)
+            text = browser.wait("return location.href.startsWith(arguments[0]) && document.body.innerText",
+                                server.url, timeout=30)
+            assert "another origin" in text and "403" in text  # the form landed on the refusal
+        browser.get(other.url + "fetch")
+        title = browser.wait("return document.title.startsWith('sent') && document.title", timeout=30)
+        assert title == "sent fulfilled,fulfilled,rejected", title  # the CORS one fails its preflight
+        time.sleep(0.5)
+    finally:
+        other.close()
+    assert len(server.app.runs) == before
+    for prompt in ("form attack", "smuggled from a page", "no-cors attack", "cors attack"):
+        assert runs_with_prompt(server, prompt) == []
+    assert refused.count(("POST", "/api/runs", 403)) >= 4, refused  # two forms, two no-cors fetches
+
+
+def test_generate_again_cancels_the_running_generation(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, monitor = ui
+    open_page(browser, server.url)
+    first = generate_in_page(browser, PROMPT, 64)
+    browser.wait("return document.querySelectorAll('#tokens .tok.completion').length >= 2", timeout=30)
+    assert browser.js("return !document.getElementById('stop').hidden")
+    second = generate_in_page(browser, "Explain how rivers form in the hills", 4)
+    second = browser.wait("return document.body.dataset.runId !== arguments[0] && document.body.dataset.runId",
+                          first, timeout=30)
+    browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+    old = server.app.run(first)
+    assert old.done and old.cancelled and sum(old.session.rows[0].completion) < 32
+    texts = browser.js("return [...document.querySelectorAll('#tokens .tok:not(.unread)')].map(e => e.textContent)")
+    assert texts == own_tokens(monitor, server.app.run(second).session)
+    assert browser.js("return document.getElementById('stop').hidden")
+
+
+def test_the_stop_button_ends_the_run(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, _ = ui
+    open_page(browser, server.url)
+    run_id = generate_in_page(browser, PROMPT, 64)
+    browser.wait("return document.querySelectorAll('#tokens .tok.completion').length >= 2", timeout=30)
+    browser.click("#stop")
+    browser.wait("return document.body.dataset.runState === 'stopped'", timeout=30)
+    assert server.app.run(run_id).cancelled
+    assert browser.js("return document.getElementById('status').textContent").startswith("stopped:")
+
+
+def test_a_busy_server_says_so_and_the_page_recovers(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, _ = ui
+    open_page(browser, server.url)
+    busy = [call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 64})[1]["run_id"]
+            for _ in range(2)]
+    browser.type("#prompt", PROMPT)
+    browser.type("#max-new-tokens", "4")
+    browser.click("#generate")
+    message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+    assert "busy" in message and browser.js("return document.body.dataset.runState") == "busy"
+    assert not browser.js("return document.getElementById('generate').disabled")
+    for run_id in busy:
+        call(server, "POST", f"/api/runs/{run_id}/cancel")
+    browser.click("#generate")
+    browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+    assert browser.js("return document.getElementById('error').hidden")
+
+
+@pytest.mark.parametrize("path", ["feature/%E0%A4%A/1", "detector/%ZZ", "feature/%"])
+def test_a_malformed_percent_in_the_address_shows_a_message(ui: Any, browser: Driver, path: str) -> None:
+    server, _ = ui
+    open_page(browser, server.url + path)  # the page reaches "ready" instead of stopping blank
+    message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+    assert "not valid" in message and "%-escape" in message
+    assert browser.js("return !document.getElementById('view-live').hidden")
+    browser.get(server.url + "%")  # not a page at all: the server's 404 says so
+    assert "no page /%" in browser.js("return document.body.innerText")
