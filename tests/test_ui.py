@@ -992,3 +992,24 @@ def test_a_malformed_percent_in_the_address_shows_a_message(ui: Any, browser: Dr
     assert browser.js("return !document.getElementById('view-live').hidden")
     browser.get(server.url + "%")  # not a page at all: the server's 404 says so
     assert "no page /%" in browser.js("return document.body.innerText")
+
+
+def test_the_page_behind_a_token_asks_for_it_then_works_from_its_cookie(ui: Any, browser: Driver) -> None:
+    from featurewatch.ui import serve_ui
+
+    _, monitor = ui
+    server = serve_ui(monitor, port=0, max_new_tokens=8, token=TOKEN)
+    try:
+        open_page(browser, server.url)  # no token yet: the page says what to do
+        message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+        assert "needs its token" in message and "?token=" in message
+        open_page(browser, f"{server.url}?token={TOKEN}")  # the cookie, then the address without the token
+        assert browser.js("return location.href") == server.url
+        assert browser.js("return document.getElementById('error').hidden")
+        run_id = generate_in_page(browser, PROMPT, 4)  # fetch and EventSource carry the cookie
+        browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+        assert server.app.run(run_id).done
+        assert "featurewatch_token" not in browser.js("return document.cookie")  # HttpOnly
+    finally:
+        browser.cmd("DELETE", "/cookie")
+        server.close()

@@ -476,7 +476,8 @@ async function main() {
   try {
     state.info = await api("GET", "/api/info");
   } catch (e) {
-    showError(`cannot reach the featurewatch server: ${e.message}`);
+    showError(e.status ? e.message : `cannot reach the featurewatch server: ${e.message}`);
+    document.body.dataset.ready = "1";
     return;
   }
   $("model-info").textContent = `${state.info.model} · pack ${state.info.pack || "none"} · ${state.info.hookpoints.join(", ")}`;
