@@ -497,11 +497,12 @@ def test_cancel_stops_the_generation_within_a_decode_step(ui: Any, counter: Coun
     _, started = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 64})
     run = server.app.run(started["run_id"])
     wait_for(lambda: counter.n >= 3)
-    before = counter.n
+    before, t0 = counter.n, time.monotonic()
     status, answer = call(server, "POST", f"/api/runs/{run.id}/cancel")
-    after = counter.n
+    after, took = counter.n, time.monotonic() - t0
     assert status == 200 and answer == {"run_id": run.id, "done": True, "cancelled": True}
-    print(f"cancel: {after - before} forward pass(es) after it was asked for")
+    print(f"cancel: {after - before} forward pass(es) after it was asked for, answered in {took * 1000:.0f} ms "
+          f"(a step takes ≥ {counter.delay * 1000:.0f} ms here)")
     assert after - before <= 2  # the step in flight (and at most one that started as the request came in)
     time.sleep(0.3)
     assert counter.n == after  # nothing more runs
