@@ -37,6 +37,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -93,6 +94,8 @@ CANCEL_WAIT = 30.0  # seconds a cancel waits for its run to end (one decode step
 TOP_FEATURES = 8  # strongest features kept per token for the inspector
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+_DIGITS = re.compile(r"[0-9]+")  # not str.isdigit(): it takes "²", which int() refuses
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")  # URL-unreserved: safe in ?token=, a header and a cookie
 _SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
@@ -666,9 +669,10 @@ def check_token(token: str | None) -> str | None:
     """``token`` if it is usable (at least :data:`MIN_TOKEN` printable characters), else a :class:`ConfigError`."""
     if token is None:
         return None
-    if len(token) < MIN_TOKEN or not token.isprintable() or " " in token or not token.isascii():
-        raise ConfigError(f"the token must be at least {MIN_TOKEN} printable ASCII characters without spaces; make "
-                          "one with: python -c 'import secrets; print(secrets.token_urlsafe())'")
+    if len(token) < MIN_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigError(f"the token must be at least {MIN_TOKEN} characters from A-Z a-z 0-9 . _ ~ - (it travels "
+                          "in an address, a header and a cookie); make one with: "
+                          "python -c 'import secrets; print(secrets.token_urlsafe())'")
     return token
 
 
@@ -771,7 +775,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
     length_text = request.headers.get("content-length")
     if length_text is not None:  # the parser already refused one that is not a number
-        if not length_text.strip().isdigit():
+        if not _DIGITS.fullmatch(length_text.strip()):
             raise bad_request(f"Content-Length {length_text!r} is not a byte count")
         if int(length_text) > limit:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -796,7 +800,7 @@ def last_event_id(text: str | None, run: Run) -> int:
     with run.cond:
         n = len(run.events)
     text = text.strip()
-    if not text.isdigit() or len(text) > 9 or int(text) >= n:
+    if not _DIGITS.fullmatch(text) or len(text) > 9 or int(text) >= n:
         raise bad_request(f"Last-Event-ID {text[:40]!r} is not an event of run {run.id}: it has sent ids 0 … {n - 1}"
                           if n else f"Last-Event-ID {text[:40]!r}: run {run.id} has sent no events yet")
     return int(text) + 1
