@@ -149,3 +149,40 @@ def test_one_group_cannot_be_left_out(tmp_path: Path, capsys: Any) -> None:
     code, _, err = cli(capsys, "calibrate", "--name", "lure", "--input", str(path), "--group-by", "source",
                        "--cache", str(tmp_path / "c"))
     assert code == 2 and "hold one group (only)" in err
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_block(marker: str) -> str:
+    """The README's ```bash block that contains ``marker``."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    return next(b for b in blocks if marker in b)
+
+
+@pytest.mark.skipif(not (SHARED / "dev" / "multi" / "scam.jsonl").is_file(), reason="needs ../shared/data")
+def test_the_readme_leave_one_source_out_block_runs_as_shown(tiny_lm_dir: Path, pack: Path, tmp_path: Path,
+                                                             capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's block, command by command as written, with the tests' tiny model and pack (and, for eval,
+    the first 40 records: the point is that the options work together, not the tiny model's numbers)."""
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    block = readme_block("--group-by source").replace("\\\n", " ")
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["featurewatch", "calibrate"], ["featurewatch", "eval"],
+                                         ["featurewatch", "explain"]]
+    tiny = ["--model", str(tiny_lm_dir), "--pack", str(pack), "--cache", str(tmp_path / "cache")]
+    calibrate, evaluate, explain = (c[1:] for c in commands)
+    calibrate = [str(tmp_path / a) if a == "scam.json" else a for a in calibrate]
+    code, out, err = cli(capsys, *calibrate, *tiny)
+    assert code == 0, err
+    assert "leave-one-source-out over" in out and json.loads((tmp_path / "scam.json").read_text())["chosen"]
+    code, out, err = cli(capsys, *evaluate, *tiny, "--max-records", "40")
+    assert code == 0, err
+    assert "scam-email" in out
+    code, out, err = cli(capsys, *explain, "--pack", str(pack), "--neighbours", "0")
+    assert code == 0, err
+    assert "out of source (leave-one-source-out)" in out

@@ -234,15 +234,21 @@ class Thresholds:
     pool: dict[str, dict[str, Any]]  # phase → what the threshold was set on
 
 
-def set_thresholds(rows: Rows, scores: np.ndarray, phases: Sequence[str], *, target_fpr: float, min_tokens: int,
-                   prior_tokens: float) -> Thresholds:
-    """Prior and per-phase thresholds from out-of-fold scores of every negative of the phase (the mixed pool).
+THRESHOLD_KINDS = ("neg", "pool")
 
-    Scores are shrunk toward the prior as the runtime pools them; a row below ``min_tokens`` never
-    fires, so it is left out of the quantile but counts in the FPR's denominator.
+
+def set_thresholds(rows: Rows, scores: np.ndarray, phases: Sequence[str], *, target_fpr: float, min_tokens: int,
+                   prior_tokens: float, kinds: Sequence[str] = THRESHOLD_KINDS) -> Thresholds:
+    """Prior and per-phase thresholds from out-of-fold scores of the benign negatives of each phase.
+
+    The negatives a threshold is set on are those of ``kinds``: by default ordinary text (``neg``,
+    and the benign ``pool``s), a large mixed set; hard negatives (look-alikes, commercial spam,
+    refusals) are reported per group, not thresholded on. Scores are shrunk toward the prior as the
+    runtime pools them; a row below ``min_tokens`` never fires, so it is left out of the quantile
+    but counts in the FPR's denominator.
     """
     ok = np.isfinite(scores)
-    neg = (rows.y == 0) & ok
+    neg = (rows.y == 0) & ok & np.isin(rows.kind, list(kinds))
     prior = float(np.median(scores[neg])) if neg.any() else 0.0
     s = shrunk(scores, rows.n_tokens, prior, prior_tokens)
     out, pool = {}, {}
@@ -431,6 +437,7 @@ class Calibrated:
 
 def calibrate(rows: Rows, phases: Sequence[str], *, kinds: Sequence[str] = DECISIONS, target_fpr: float = 0.02,
               min_tokens: int = 8, prior_tokens: float = 4.0, max_features: int = 32,
+              threshold_kinds: Sequence[str] = THRESHOLD_KINDS,
               features_info: dict[int, Any] | None = None, in_split: bool = True,
               progress: Callable[[str], None] | None = None) -> Calibrated:
     """Leave-one-source-out for each decision kind, the choice, the final fit and the thresholds."""
@@ -440,7 +447,7 @@ def calibrate(rows: Rows, phases: Sequence[str], *, kinds: Sequence[str] = DECIS
     for kind in kinds:
         scores = out_of_fold(kind, rows, rows.fold, progress=progress, **kw)
         thr = set_thresholds(rows, np.nan_to_num(scores, nan=-np.inf), phases, target_fpr=target_fpr,
-                             min_tokens=min_tokens, prior_tokens=prior_tokens)
+                             min_tokens=min_tokens, prior_tokens=prior_tokens, kinds=threshold_kinds)
         fired = fires_at(rows, scores, thr, min_tokens=min_tokens, prior_tokens=prior_tokens)
         res: dict[str, Any] = {"loso": summary(rows, scores, fired)}
         if in_split:
@@ -454,6 +461,6 @@ def calibrate(rows: Rows, phases: Sequence[str], *, kinds: Sequence[str] = DECIS
     final = fit_decision(chosen, rows, **kw)
     scores = oof[chosen]
     thr = set_thresholds(rows, np.nan_to_num(scores, nan=-np.inf), phases, target_fpr=target_fpr,
-                         min_tokens=min_tokens, prior_tokens=prior_tokens)
+                         min_tokens=min_tokens, prior_tokens=prior_tokens, kinds=threshold_kinds)
     probe = final if chosen == "probe" else (fit_decision("probe", rows, **kw) if "probe" in kinds else None)
     return Calibrated(final, chosen, reason, thr, results, oof, probe)

@@ -132,8 +132,13 @@ def prepare(path: str | Path, *, group_by: str, negatives: bool, wrap_with: tupl
 
 
 def write_prepared(records: list[dict[str, Any]], cache_dir: Path, stem: str) -> Path:
-    """Write prepared records to ``cache_dir/prepared/<stem>-<hash>.jsonl`` (same content, same name)."""
-    body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    """Write what the model reads of prepared records to ``cache_dir/prepared/<stem>-<hash>.jsonl``.
+
+    Only ids and contents go in (labels, groups and kinds stay with the caller), so one file read
+    as labelled data by one detector and as a benign pool by another shares its activations.
+    """
+    body = "".join(json.dumps({"id": r["id"], "label": 0, **{k: r[k] for k in ("text", "messages") if k in r}},
+                              ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     d = cache_dir / "prepared"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{stem}-{_h(body)[:12]}.jsonl"

@@ -76,12 +76,18 @@ def register(sub: Any) -> None:
                    help="with --group-by: put each document of FILE in one of these wrappers (plain, quoted, "
                         "request, reply; chosen by hash of its id); with reply, a chat's last reply also goes "
                         "behind a neutral user turn")
-    p.add_argument("--max-per-group", type=POSITIVE, metavar="N",
-                   help="with --group-by: at most N records per (group, kind, label, wrapper) cell, by hash of id")
-    p.add_argument("--max-chars", type=POSITIVE, metavar="N",
-                   help="with --group-by: judged contents cut near N characters (at a word boundary)")
+    p.add_argument("--max-per-group", action="append", default=[], metavar="[FILE=]N",
+                   help="with --group-by: at most N records per (group, kind, label, wrapper) cell, by hash of id; "
+                        "FILE=N for one file (repeatable)")
+    p.add_argument("--max-chars", action="append", default=[], metavar="[FILE=]N",
+                   help="with --group-by: judged contents cut near N characters (at a word boundary); FILE=N for "
+                        "one file (repeatable)")
     p.add_argument("--prior-tokens", type=float_range(0), default=4.0,
                    help="with --group-by: weight (in tokens) of the prior the mean score is shrunk toward")
+    p.add_argument("--threshold-on", default="neg,pool", metavar="KINDS",
+                   help="with --group-by: negatives the per-phase thresholds are set on, of neg (a labelled file's "
+                        "ordinary negatives), pool (--negatives files), hard_neg (look-alikes); default neg,pool — "
+                        "hard negatives are then reported per group, not thresholded on")
     p.add_argument("--report", metavar="OUT.json", help="with --group-by: write the whole report as JSON")
     _common(p, detectors=False)
     p.set_defaults(func=cmd_calibrate)

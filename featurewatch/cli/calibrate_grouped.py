@@ -24,6 +24,34 @@ EVIDENCE_FEATURES = 64  # SAE features a dense decision is explained with (watch
 GAP = 0.05  # in-split vs out-of-source AUROC: a larger gap is said plainly
 
 
+def _match(option: str, spec: str, name: str, paths: list[str]) -> str:
+    """The --input/--negatives path a ``FILE=…`` option names: a path as given, or a unique file name."""
+    exact = [p for p in paths if p == name]
+    match = exact or [p for p in paths if Path(p).name == Path(name).name]
+    if not match:
+        raise CLIError(f"{option} {spec!r}: {name} is not one of the --input/--negatives files")
+    if len(match) > 1:
+        raise CLIError(f"{option} {spec!r}: {name} names several inputs ({', '.join(match)}); give the path as "
+                       "passed to --input")
+    return match[0]
+
+
+def _caps(option: str, specs: list[str], paths: list[str]) -> dict[str, int | None]:
+    """``--max-per-group``/``--max-chars`` ``N`` (every file) and ``FILE=N`` (one file) as {path: N}."""
+    out: dict[str, int | None] = {p: None for p in paths}
+    for spec in sorted(specs, key=lambda s: "=" in s):  # the plain default first, per-file caps over it
+        name, sep, value = spec.rpartition("=")
+        try:
+            cap = int(value)
+        except ValueError:
+            cap = 0
+        if cap < 1:
+            raise CLIError(f"{option} {spec!r}: expected N or FILE=N with an integer N >= 1")
+        for p in ([_match(option, spec, name, paths)] if sep else paths):
+            out[p] = cap
+    return out
+
+
 def _wraps(specs: list[str], paths: list[str]) -> dict[str, tuple[str, ...]]:
     """``--wrap FILE=W,W`` as {path as given: wrappers}; FILE is a path as given or a unique file name."""
     from ..calibration.sources import DOCUMENT_WRAPPERS
@@ -37,15 +65,7 @@ def _wraps(specs: list[str], paths: list[str]) -> dict[str, tuple[str, ...]]:
         bad = [w for w in ws if w not in DOCUMENT_WRAPPERS]
         if bad:
             raise CLIError(f"--wrap {spec!r}: unknown wrapper {', '.join(bad)} (valid: {', '.join(DOCUMENT_WRAPPERS)})")
-        exact = [p for p in paths if p == name]
-        by_name = [p for p in paths if Path(p).name == Path(name).name]
-        match = exact or by_name
-        if not match:
-            raise CLIError(f"--wrap {spec!r}: {name} is not one of the --input/--negatives files")
-        if len(match) > 1:
-            raise CLIError(f"--wrap {spec!r}: {name} names several inputs ({', '.join(match)}); give the path as "
-                           "passed to --input")
-        out[match[0]] = ws
+        out[_match("--wrap", spec, name, paths)] = ws
     return out
 
 
@@ -73,7 +93,12 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     for path in paths:
         check_input(path, "--input" if path in args.input else "--negatives")
     wraps = _wraps(args.wrap, paths)
+    caps = _caps("--max-per-group", args.max_per_group, paths)
+    chars = _caps("--max-chars", args.max_chars, paths)
     watch = _watch(args)
+    on = tuple(k.strip() for k in args.threshold_on.split(",") if k.strip())
+    if not on or set(on) - {"neg", "pool", "hard_neg"}:
+        raise CLIError(f"--threshold-on {args.threshold_on!r}: a comma-separated subset of neg, pool, hard_neg")
     kinds = list(DECISIONS) if args.kind in (None, "auto") else [args.kind]
     cache = check_output_dir(args.cache, "--cache") if args.cache else None
     if cache is None:
@@ -82,7 +107,7 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     prepared: list[tuple[Path, list[dict[str, Any]]]] = []
     for path in paths:
         recs = prepare(path, group_by=args.group_by, negatives=path not in args.input,
-                       wrap_with=wraps.get(path, ()), max_per_group=args.max_per_group, max_chars=args.max_chars)
+                       wrap_with=wraps.get(path, ()), max_per_group=caps[path], max_chars=chars[path])
         prepared.append((write_prepared(recs, cache, Path(path).parent.name + "-" + Path(path).stem), recs))
     own = [r for p, recs in zip(paths, prepared) if p in args.input for r in recs[1]]
     labels = {int(r["label"]) for r in own}
@@ -106,13 +131,14 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
                      hookpoint=hp, phases=watch, max_tokens=args.max_tokens, cache_dir=cache, progress=progress(),
                      log=_say)
     for ph in watch:
-        if not ((rows.phase == ph) & (rows.y == 0)).any():
-            raise CLIError(f"--watch {','.join(watch)}: no negative has {ph}-phase tokens to set its threshold on; "
-                           f"add records with a {ph} phase or watch fewer phases")
+        if not ((rows.phase == ph) & (rows.y == 0) & np.isin(rows.kind, list(on))).any():
+            raise CLIError(f"--watch {','.join(watch)}: no {'/'.join(on)} negative has {ph}-phase tokens to set its "
+                           f"threshold on; add records with a {ph} phase, --threshold-on more kinds, or watch fewer "
+                           "phases")
     infos = {i: info.model_dump() for i, info in pack.features.get(hp, {}).items()}
     cal = calibrate(rows, watch, kinds=kinds, target_fpr=args.target_fpr, min_tokens=args.min_tokens,
                     prior_tokens=args.prior_tokens, max_features=args.max_features, features_info=infos,
-                    progress=_say)
+                    threshold_kinds=on, progress=_say)
     out_dir.mkdir(parents=True, exist_ok=True)
     today = dt.date.today().isoformat()
     data = [f"{p} ({', '.join(sorted({str(r['fw_group']) for r in recs}))})" + ("" if p in args.input else
@@ -181,7 +207,7 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     report["written"][args.name] = write(args.name, cal.chosen, cal.decision, cal.thresholds)
     if cal.probe is not None and cal.chosen != "probe":
         thr = set_thresholds(rows, np.nan_to_num(cal.oof["probe"], nan=-np.inf), watch, target_fpr=args.target_fpr,
-                             min_tokens=args.min_tokens, prior_tokens=args.prior_tokens)
+                             min_tokens=args.min_tokens, prior_tokens=args.prior_tokens, kinds=on)
         report["written"][args.name + "-probe"] = write(args.name + "-probe", "probe", cal.probe, thr)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
