@@ -44,9 +44,9 @@ class Architecture:
 
     Nothing else differs between the families featurewatch supports, and the architecture matrix
     checks that it does not: a decoder layer's output is the residual stream before the final
-    norm on all of them; Gemma's embedding scale (× √d_model) is applied inside the model before
-    layer 0, so every hookpoint already sees it; GPT-2's and GPT-NeoX's layers return their
-    hidden states first, as the others do.
+    norm on all of them; Gemma's embedding scale (× √d_model) and Granite's embedding and
+    residual multipliers are applied inside the model, so every hookpoint already sees them;
+    GPT-2's and GPT-NeoX's layers return their hidden states as the others do.
     """
 
     layers: tuple[str, ...]
@@ -56,16 +56,24 @@ _LLAMA_LIKE = Architecture(layers=("model.layers",))
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA_LIKE,  # Llama 2/3, SmolLM2 (the embedded model)
     "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,  # Gemma 3 270M and 1B (text only)
     # Gemma 3 4B and up load as Gemma3ForConditionalGeneration: the text layers sit inside the wrapper
     # (transformers ≥ 4.52: model.language_model; 4.50–4.51 and vLLM: language_model.model)
     "gemma3": Architecture(layers=("model.language_model.layers", "language_model.model.layers")),
-    "phi3": _LLAMA_LIKE,
+    "phi": _LLAMA_LIKE,  # Phi-1.5, Phi-2
+    "phi3": _LLAMA_LIKE,  # Phi-3, Phi-4 (fused qkv and gate_up projections: nothing featurewatch reads)
+    "smollm3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "starcoder2": _LLAMA_LIKE,
     "gpt2": Architecture(layers=("transformer.h",)),
-    "gpt_neox": Architecture(layers=("gpt_neox.layers",)),
+    "gpt_neox": Architecture(layers=("gpt_neox.layers",)),  # Pythia
 }
 """Every architecture featurewatch hooks, by ``config.model_type``; each is a row of the architecture
 matrix (``tests/test_architectures.py``). To add one: an entry here (its decoder-layer path) and a row
