@@ -200,7 +200,7 @@ def architecture(model: nn.Module) -> Architecture:
         raise HookpointNotFound(
             f"featurewatch does not know where {type(model).__name__} ({what}) keeps its decoder layers; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}. To add it, give its decoder-layer path in "
-            "ARCHITECTURES (featurewatch/models.py), e.g. ARCHITECTURES['my_type'] = "
+            f"ARCHITECTURES (featurewatch/models.py), e.g. ARCHITECTURES[{model_type or 'my_type'!r}] = "
             "Architecture(layers=('model.layers',)), and a row in tests/test_architectures.py")
     return arch
 
