@@ -33,12 +33,13 @@ from ...alert import PHASES, Alert, RunResult
 from ...detection import Firing, observe
 from ...detector import DetectorSpec
 from ...errors import ConfigError
+from ...markup import ChatMarkup
 from ...pack import Pack
 from ...readout import Readout, build_readouts
 from ...runbook import RunBook
 from ...session import FeatureTotals, RunState
 from ...sinks import Fanout, Sink
-from .batch import ContentMasker, Scheduled, step_tokens
+from .batch import Scheduled, step_tokens
 from .options import SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class _Live:
     n_prompt: int
     content: list[bool]
     detectors: list[DetectorSpec]
+    markup: list[tuple[int, int]] = field(default_factory=list)  # typed chat markup, reported once read
 
 
 @dataclass
@@ -79,7 +81,7 @@ class EngineMonitor:
         self.readouts: list[Readout] = build_readouts(model, self.detectors, pack.saes, pack=pack)
         self.by_layer = {r.layer: r for r in self.readouts}
         self.tokenizer = tokenizer
-        self.masker = ContentMasker(tokenizer)
+        self.masker = ChatMarkup(tokenizer)
         self.special = torch.tensor(sorted(self.masker.special), dtype=torch.long)
         self.model_name = model_name or pack.manifest.model
         self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
@@ -130,7 +132,8 @@ class EngineMonitor:
             for phase in PHASES:
                 state.feature_sums[(readout.hookpoint, phase)] = torch.zeros(m)
                 state.feature_counts[(readout.hookpoint, phase)] = torch.zeros((), dtype=torch.long)
-        live = _Live(state, len(prompt), self.masker.mask(prompt), detectors)
+        reading = self.masker.read(prompt)
+        live = _Live(state, len(prompt), reading.content, detectors, reading.injected)
         self.runs[req_id] = live
         self._req_of[id(state)] = req_id
         self.book.open(state, detectors)
@@ -169,6 +172,12 @@ class EngineMonitor:
             run.token_ids.append(tid)
             run.read.append(rd)
             run.completion.append(comp)
+        for rid in req_ids:
+            live = self.runs.get(rid) if rid is not None else None
+            # typed chat markup: one alert, once the prompt is read up to its last span (prefills may be chunked)
+            if live is not None and live.markup and len(live.state.token_ids) >= live.markup[-1][1]:
+                spans, live.markup = live.markup, []
+                self.book.flag_markup(live.state, spans)
         self.step = _Step(rows, tokens, runs)
 
     def on_layer(self, layer: int, hidden: Tensor, residual: Tensor | None) -> None:
