@@ -19,6 +19,7 @@ files are opened (a FIFO or a device would hang or flood the loader).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -100,12 +101,16 @@ class Pack:
     def feature_summary(self, hookpoint: str, feature: int) -> dict[str, Any]:
         """What the pack knows of one feature: label, statistics, stored top contexts, the detectors reading it.
 
-        ``hookpoint`` must have an SAE in the pack and ``feature`` be in its range (else
+        ``hookpoint`` (``layers.N`` or SAELens ``blocks.N.hook_resid_post``) must have an SAE in the pack and
+        ``feature`` be in its range (else
         :class:`ConfigError` / :class:`FeatureOutOfRange` naming the valid ones).
         """
+        given = hookpoint
+        with contextlib.suppress(ConfigError):  # a name not understood is named below, with the valid ones
+            hookpoint = normalize_hookpoint(hookpoint)  # SAELens blocks.N.hook_resid_post, as everywhere else
         sae = self.saes.get(hookpoint)
         if sae is None:
-            raise ConfigError(f"pack {self.name} has no SAE at {hookpoint!r}; valid: {', '.join(self.saes)}")
+            raise ConfigError(f"pack {self.name} has no SAE at {given!r}; valid: {', '.join(self.saes)}")
         if not 0 <= feature < sae.d_sae:
             raise FeatureOutOfRange(f"feature {feature} is out of range; the SAE at {hookpoint} has features "
                                     f"0 … {sae.d_sae - 1}")
