@@ -89,6 +89,7 @@ class Monitor:
         self.readouts: list[Readout] = build_readouts(model, self.detectors, all_saes, watch=watch, pack=self.pack)
         self._saes = {r.hookpoint: r.sae for r in self.readouts if r.sae is not None}
         suppress = [iv for spec in self.detectors if spec.action == "suppress" for iv in suppression(spec)]
+        self._interventions = list(interventions)  # the monitor's own: a call's stack on top of them
         self._steering = self._compile(interventions, suppress)
         callbacks = [on_alert] if callable(on_alert) else list(on_alert)
         self._fanout = Fanout(sinks, callbacks, fail_closed=fail_closed)
@@ -150,6 +151,13 @@ class Monitor:
         dtype = getattr(self.model, "dtype", None)
         return compile_steering(resolved, self._saes, max_activation=unit,
                                 dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+    def _compile_call(self, interventions: Sequence[Intervention]) -> dict[str, Steering]:
+        """A call's interventions, compiled; on a feature the monitor steers too, their sum is bounded as one
+        stack's (the two deltas add up in the residual stream)."""
+        if self._interventions:
+            self._compile([*self._interventions, *interventions])  # checked together, compiled apart
+        return self._compile(interventions)
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -224,7 +232,7 @@ class Monitor:
             raise ConfigError(f"top_features={top_features}; it must be 0 (off) or more")
         s = Session(batch_size, owner=self, readouts=self.readouts, tokenizer=self.tokenizer,
                     model_name=self.model_name, special_ids=self._special, top_features=top_features,
-                    blocking=blocking, steering=self._compile(interventions) if interventions else None,
+                    blocking=blocking, steering=self._compile_call(interventions) if interventions else None,
                     stop_after_deepest=stop_after_deepest, n_prompt=n_prompt, content=content, run_ids=run_ids,
                     clock=self.clock, on_end=self._end_session, markup=markup)
         self._live.add(s)
