@@ -38,9 +38,9 @@ from torch import Tensor
 
 from .alert import Phase
 from .detector import DetectorSpec
-from .errors import ConfigError, FeatureOutOfRange
+from .errors import ConfigError
 from .positions import StepTokens
-from .sae import SparseAutoencoder, SubsetEncoder
+from .sae import SparseAutoencoder, SubsetEncoder, check_feature_ids
 from .session import RunState
 
 Mode = Literal["clamp", "add", "scale", "ablate"]
@@ -215,9 +215,8 @@ def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, S
         values = []
         stacks: dict[int, list[tuple[Intervention, float, float | None]]] = {}  # feature -> (iv, value, unit)
         for iv in ivs:
-            if not 0 <= iv.feature < sae.d_sae:  # before anything else: no advice about a feature that is not there
-                raise FeatureOutOfRange(f"intervention on feature {iv.feature}: out of range; the SAE at {hp} has "
-                                        f"features 0 … {sae.d_sae - 1}")
+            # before anything else: no advice about a feature that is not there
+            check_feature_ids(sae, [iv.feature], hookpoint=hp, what="intervention on feature")
             unit = max_activation(hp, iv.feature) if max_activation is not None else None
             if iv.mode in ("clamp", "add") and not iv.absolute:
                 if unit is None:

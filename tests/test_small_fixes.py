@@ -169,3 +169,39 @@ def test_a_calls_interventions_stack_on_the_monitors_own(tiny_monitor: Any) -> N
         pass  # another feature: no stack
     with pytest.raises(ConfigError, match="2 interventions on feature 1 at layers.1 .* overflows torch.float32"):
         monitor.session(interventions=[big])
+
+
+# ---------------------------------------------------------------- §4, one range check for feature ids
+def test_every_entry_point_checks_feature_ids_with_the_one_check(pack: Path, tmp_path: Path, capsys: Any,
+                                                                 no_model: None) -> None:
+    import ast
+
+    from featurewatch.errors import FeatureOutOfRange
+    from featurewatch.neighbours import decoder_neighbours
+    from featurewatch.pack import load_pack
+
+    loaded = load_pack(pack)
+    sae = loaded.saes["layers.1"]
+    wanted = "is out of range; the SAE at layers.1 has features 0 … 7"
+    for call in (lambda: loaded.feature_summary("layers.1", 8),
+                 lambda: compile_steering([Intervention(feature=8, mode="ablate")], {"layers.1": sae}),
+                 lambda: decoder_neighbours(sae, 8, 3),
+                 lambda: sae.subset([8])):
+        with pytest.raises(FeatureOutOfRange, match="8 is out of range; the SAE.* has features 0 … 7"):
+            call()
+    out_file = str(tmp_path / "o.jsonl")
+    for argv in (["inspect", "8", "--pack", str(pack)],
+                 ["redteam", "--feature", "8", "--pack", str(pack), "--out", out_file],
+                 ["run", "--steer", "8:ablate", "--pack", str(pack), "--prompt", "x"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and wanted in err, (argv, err)
+    # no module but sae.py compares a feature id with d_sae (the page server is left to its rewrite)
+    root = Path(__file__).resolve().parents[1] / "featurewatch"
+    for path in root.rglob("*.py"):
+        if path.name == "sae.py" or path.parts[-2:] == ("ui", "server.py") or "training" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Attribute) and c.attr == "d_sae"
+                                                     and not (isinstance(c.value, ast.Name) and c.value.id == "args")
+                                                     for c in [node.left, *node.comparators]):  # not --k vs --d-sae
+                pytest.fail(f"{path.relative_to(root)}:{node.lineno} checks a feature id itself")

@@ -12,7 +12,6 @@ import json
 import sys
 from typing import Any
 
-from ..errors import FeatureOutOfRange
 from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, load_model, open_output, progress
 
 MAP_NEIGHBOURS = 32
@@ -55,9 +54,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sae = pack.saes.get(hp)
     if sae is None:
         raise CLIError(f"--hookpoint {hp}: pack {pack.name} has no SAE there; valid: {', '.join(pack.saes)}")
-    bad = [f for f in args.features if not 0 <= f < sae.d_sae]
-    if bad:
-        raise FeatureOutOfRange(f"feature(s) {bad} out of range; the SAE at {hp} has 0 … {sae.d_sae - 1}")
+    from ..sae import check_feature_ids
+
+    check_feature_ids(sae, args.features, hookpoint=hp)
     if args.map:
         if len(args.features) != 1:
             raise CLIError(f"--map draws one feature's neighbourhood; give one FEATURE, not {len(args.features)}")
