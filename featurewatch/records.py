@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from .alert import COMPLETION, PHASES, PROMPT
 from .errors import RecordError
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 __all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "markup_ids", "parse_record",
-           "render", "pad_right"]
+           "records_from_lines", "render", "pad_right"]
 
 
 @dataclass(frozen=True)
@@ -119,19 +119,25 @@ def iter_records(path: str | Path, *, skip_invalid: bool = False,
     except OSError as exc:
         raise RecordError(f"cannot open {p}: {exc.strerror}", path=str(p)) from exc
     with handle:
-        for n, raw in enumerate(handle, start=1):
-            try:
-                record = _parse_line(raw, n, str(p))
-            except RecordError as exc:
-                if not skip_invalid:
-                    raise
-                if on_skip is None:
-                    raise RecordError("skip_invalid needs an on_skip callback so skipped lines are reported",
-                                      path=str(p), line=n) from exc
-                on_skip(exc)
-                continue
-            if record is not None:
-                yield record
+        yield from records_from_lines(handle, path=str(p), skip_invalid=skip_invalid, on_skip=on_skip)
+
+
+def records_from_lines(lines: Iterable[bytes], *, path: str, skip_invalid: bool = False,
+                       on_skip: Callable[[RecordError], Any] | None = None) -> Iterator[Record]:
+    """The one reader of record lines (a file's, or package data's): :func:`iter_records` without the file."""
+    for n, raw in enumerate(lines, start=1):
+        try:
+            record = _parse_line(raw, n, path)
+        except RecordError as exc:
+            if not skip_invalid:
+                raise
+            if on_skip is None:
+                raise RecordError("skip_invalid needs an on_skip callback so skipped lines are reported",
+                                  path=path, line=n) from exc
+            on_skip(exc)
+            continue
+        if record is not None:
+            yield record
 
 
 def _parse_line(raw: bytes, n: int, path: str) -> Record | None:

@@ -205,3 +205,26 @@ def test_every_entry_point_checks_feature_ids_with_the_one_check(pack: Path, tmp
                                                      and not (isinstance(c.value, ast.Name) and c.value.id == "args")
                                                      for c in [node.left, *node.comparators]):  # not --k vs --d-sae
                 pytest.fail(f"{path.relative_to(root)}:{node.lineno} checks a feature id itself")
+
+
+# ---------------------------------------------------------------- §4, one offline reader of record files
+def test_the_shipped_corpus_and_record_files_are_read_by_one_reader(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurewatch import records, steering_sweep
+    from featurewatch.errors import RecordError
+
+    read: list[str] = []
+    original = records.records_from_lines
+
+    def spy(lines: Any, *, path: str, **kw: Any) -> Any:
+        read.append(path)
+        return original(lines, path=path, **kw)
+
+    monkeypatch.setattr(records, "records_from_lines", spy)
+    monkeypatch.setattr(steering_sweep, "records_from_lines", spy)
+    corpus = steering_sweep.default_corpus()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    with pytest.raises(RecordError, match=r"bad\.jsonl:2: not UTF-8"):
+        records.load_records(bad)
+    assert corpus and read == ["featurewatch/data/neutral.jsonl", str(bad)]
