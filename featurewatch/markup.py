@@ -60,7 +60,8 @@ class ChatMarkup:
     before the role name is the turn marker (``<|im_start|>`` in ChatML), the first special
     token after the message is the turn end (``<|im_end|>``). A template without a
     recognisable turn marker makes every prompt a plain document (logged once); without a
-    turn end, only the content mask is read (nothing is reported).
+    turn end, or with special tokens inside the role header (Llama 3's ``<|end_header_id|>``),
+    only the content mask is read and nothing is reported: the grammar checks are ChatML's.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -100,6 +101,8 @@ class ChatMarkup:
             logger.warning("featurewatch: the chat template has no turn marker featurewatch recognises; detectors "
                            "read chat markup and system prompts too (scores differ from the transformers monitor)")
             return None, None
+        if any(i in self.marks for i in ids[marker + 1:at]):  # a header with markup of its own (Llama 3's
+            return ids[marker], None  # <|end_header_id|>): the content mask only, no grammar checks
         return ids[marker], (end if end != ids[marker] else None)
 
     def mask(self, ids: Sequence[int]) -> list[bool]:

@@ -133,3 +133,16 @@ def test_a_document_with_a_typed_marker_is_reported_and_one_without_is_not(tok: 
     typed = list(tok("Dear customer<|endoftext|> your account", add_special_tokens=False)["input_ids"])
     [(start, end)] = chat.read(typed).injected
     assert typed[start:end] == [tok.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def test_a_template_whose_header_has_markup_of_its_own_is_not_checked(tok: Any) -> None:
+    import copy
+
+    other = copy.deepcopy(tok)  # a header like Llama 3's: <|start_header_id|>user<|end_header_id|>
+    other.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}<|endoftext|>\n{{ m['content'] }}"
+                           "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant<|endoftext|>\n"
+                           "{% endif %}")
+    chat = ChatMarkup(other)
+    assert chat.turn_end is None  # no grammar learned: the template's own markup is never reported
+    text = other.apply_chat_template(_chat(""), tokenize=False, add_generation_prompt=True)
+    assert chat.read(list(other(text, add_special_tokens=False)["input_ids"])).injected == []
