@@ -21,6 +21,9 @@ COMPLETION: Phase = "completion"
 PHASES: tuple[Phase, ...] = (PROMPT, COMPLETION)
 OUTCOMES: tuple[Outcome, ...] = ("completed", "blocked", "error", "aborted")
 """``aborted``: the client gave up on the run (a closed stream, a cancelled request); no end-of-run verdicts."""
+MARKUP_INJECTION = "markup-injection"
+"""The detector name of the alert for chat markup typed into a prompt's content that reached the model as
+markup (see :mod:`featurewatch.markup`): action ``alert``, severity ``warning``, phase ``prompt``."""
 
 
 class FeatureEvidence(BaseModel):

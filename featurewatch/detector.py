@@ -122,8 +122,8 @@ class DetectorSpec(BaseModel):
     evidence_offset: float = Field(default=0.0, description=(
         "kind probe: w·b_dec, the part of the score that is the SAE's decoder bias (no feature's)"))
     pooling: Pooling = Pooling()
-    threshold: float = Field(description="fire when the pooled score reaches this (the combined score's, and "
-                             "each phase's unless phase_thresholds overrides it)")
+    threshold: float = Field(description="a watched phase fires when its pooled score reaches this, unless "
+                             "phase_thresholds names the phase (the combined score is compared with no threshold)")
     phase_thresholds: dict[Phase, float] = Field(default_factory=dict, description=(
         "per-phase thresholds (e.g. a reply calibrated apart from a prompt); phases not named use threshold"))
     hysteresis: float = Field(default=0.0, ge=0, description=(
@@ -142,7 +142,8 @@ class DetectorSpec(BaseModel):
         return v
 
     def threshold_for(self, phase: Phase) -> float:
-        """The threshold a phase fires at."""
+        """The threshold a phase fires at: the one number an alert, the metrics gauge (per phase), ``explain``
+        and the page show for it."""
         return self.phase_thresholds.get(phase, self.threshold)
 
     @model_validator(mode="after")

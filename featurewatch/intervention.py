@@ -20,6 +20,8 @@ A value is refused (one line, before any generation) when it is beyond
 :data:`STEER_LIMIT` × the feature's max activation (a ``scale`` factor beyond
 :data:`STEER_LIMIT`), or when the change it makes would not be finite in the
 residual stream's dtype: an overflowing edit turns every logit into NaN.
+Interventions stacked on one feature add their changes, so the bound holds for
+their sum (a call's interventions together with the monitor's own).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from torch import Tensor
 
 from .alert import Phase
 from .detector import DetectorSpec
-from .errors import ConfigError, FeatureOutOfRange
+from .errors import ConfigError
 from .positions import StepTokens
-from .sae import SparseAutoencoder, SubsetEncoder
+from .sae import SparseAutoencoder, SubsetEncoder, check_feature_ids
 from .session import RunState
 
 Mode = Literal["clamp", "add", "scale", "ablate"]
@@ -174,6 +176,26 @@ def _check_size(iv: Intervention, hp: str, value: float, unit: float | None, sae
                           f"(max {biggest:.3g}); use a smaller value")
 
 
+def _check_stack(feature: int, hp: str, stack: Sequence[tuple[Intervention, float, float | None]],
+                 sae: SparseAutoencoder, dtype: torch.dtype) -> None:
+    """Several interventions on one feature add their changes (each is computed from the same encoding), so
+    their sum is held to what one may do: within :data:`STEER_LIMIT` max activations, finite in ``dtype``."""
+    unit = next((u for _, _, u in stack if u), None)
+    total = sum(0.0 if iv.mode == "ablate" else abs(value) * (unit or 1.0) if iv.mode == "scale" else abs(value)
+                for iv, value, _ in stack)  # activation units
+    what = ", ".join(f"{iv.mode} {iv.value:g}" if iv.value is not None else iv.mode for iv, _, _ in stack)
+    if unit and total > STEER_LIMIT * unit:
+        raise ConfigError(f"{len(stack)} interventions on feature {feature} at {hp} ({what}) add up to "
+                          f"{total / unit:.3g} × the feature's max activation ({unit:g}); keep their sum within "
+                          f"±{STEER_LIMIT:g} ×")
+    row = float(sae.W_dec[feature].abs().max()) / (sae.input_scale or 1.0)
+    biggest = float(torch.finfo(dtype).max) if dtype.is_floating_point else math.inf
+    if not math.isfinite(total * row) or total * row > biggest / 4:
+        raise ConfigError(f"{len(stack)} interventions on feature {feature} at {hp} ({what}) change the residual "
+                          f"stream by up to {total * row:.3g} together, which overflows {dtype} (max "
+                          f"{biggest:.3g}); use smaller values or fewer interventions")
+
+
 def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, SparseAutoencoder], *,
                      max_activation: Callable[[str, int], float | None] | None = None,
                      dtype: torch.dtype = torch.float32) -> dict[str, Steering]:
@@ -191,10 +213,10 @@ def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, S
     for hp, ivs in by_hp.items():
         sae = saes[hp]
         values = []
+        stacks: dict[int, list[tuple[Intervention, float, float | None]]] = {}  # feature -> (iv, value, unit)
         for iv in ivs:
-            if not 0 <= iv.feature < sae.d_sae:  # before anything else: no advice about a feature that is not there
-                raise FeatureOutOfRange(f"intervention on feature {iv.feature}: out of range; the SAE at {hp} has "
-                                        f"features 0 … {sae.d_sae - 1}")
+            # before anything else: no advice about a feature that is not there
+            check_feature_ids(sae, [iv.feature], hookpoint=hp, what="intervention on feature")
             unit = max_activation(hp, iv.feature) if max_activation is not None else None
             if iv.mode in ("clamp", "add") and not iv.absolute:
                 if unit is None:
@@ -204,6 +226,10 @@ def compile_steering(interventions: Sequence[Intervention], saes: Mapping[str, S
             else:
                 values.append(float(iv.value or 0.0))
             _check_size(iv, hp, values[-1], unit, sae, dtype)
+            stacks.setdefault(iv.feature, []).append((iv, values[-1], unit))
+        for feature, stack in stacks.items():
+            if len(stack) > 1:
+                _check_stack(feature, hp, stack, sae, dtype)
         ids = [iv.feature for iv in ivs]
         device = sae.W_enc.device
         phase_ok = torch.tensor([[p in iv.phases for iv in ivs] for p in ("prompt", "completion")])  # on the CPU

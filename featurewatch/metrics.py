@@ -24,13 +24,23 @@ Why it is built this way:
   published once in the ``featurewatch_detector_info`` gauge (value 1) and
   alert rules join on it (``* on (...) group_left (severity)``), the usual
   Prometheus "info metric" pattern.
+- **One meaning for a threshold.** A detector fires per phase, each phase at
+  its own threshold (``phase_thresholds``, else the spec's ``threshold``), so
+  ``featurewatch_detector_threshold`` and ``featurewatch_detector_score`` both
+  carry a ``phase`` label: the gauge is the threshold alerts of that phase fire
+  at, the histogram the pooled score of that phase (``RunResult.phase_scores``)
+  — what the threshold is compared with. The combined score of a run
+  (``RunResult.scores``) is compared with no threshold and is not published.
 - **Score buckets.** Histogram buckets are fixed when a histogram is created,
   so ``featurewatch_detector_score`` is created at the first ``on_attach`` on a
-  registry with the sorted union of ``score_buckets`` and every threshold then
-  known: ``le="<threshold>"`` counts the runs below each detector's threshold
+  registry with the sorted union of ``score_buckets`` and every phase threshold
+  then known: ``le="<threshold>"`` counts the runs below a phase's threshold
   exactly. A detector attached later with a threshold that is not a boundary
   is logged (once); give it its own registry or list the threshold in
   ``score_buckets``.
+- **Markup injection.** The ``markup-injection`` alert (chat markup typed into
+  a prompt that reached the model as markup, :mod:`featurewatch.markup`) can
+  come from any monitor, so its alert child and info series exist from attach.
 - **Multiprocess mode.** With ``PROMETHEUS_MULTIPROC_DIR`` set before
   prometheus_client is imported, values go to per-process files; every gauge
   declares how processes combine (``livesum`` for in-flight runs,
@@ -50,9 +60,9 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .alert import OUTCOMES, Alert, RunResult
+from .alert import MARKUP_INJECTION, OUTCOMES, PROMPT, Alert, RunResult
 from .errors import ConfigError
-from .sinks import BaseSink, DetectorInfo
+from .sinks import BaseSink, DetectorInfo, phase_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +140,9 @@ class _Metrics:
             errors=make(Counter, "errors", "Monitoring faults (fail-open), by stage.", ("stage",)),
             in_flight=make(Gauge, "generations_in_flight", "Monitored runs in progress.", ("model_name",),
                            multiprocess_mode="livesum"),
-            threshold=make(Gauge, "detector_threshold", "Pooled score at which a detector fires.",
-                           ("detector", "model_name"), multiprocess_mode="livemostrecent"),
+            threshold=make(Gauge, "detector_threshold", "Pooled score of a phase at which a detector's alerts "
+                           "of that phase fire.", ("detector", "phase", "model_name"),
+                           multiprocess_mode="livemostrecent"),
             detector_info=make(Gauge, "detector_info", "Attached detectors (value 1) with their severity and action.",
                                ("detector", "model_name", "severity", "action"), multiprocess_mode="livemax"),
             build_info=make(Gauge, "build_info", "featurewatch version (value 1).", ("version",),
@@ -143,8 +154,9 @@ class _Metrics:
         with self.lock:
             if self.score is None:
                 bounds = sorted({float(b) for b in (*buckets, *thresholds) if math.isfinite(b)})
-                self.score = _register(Histogram, "detector_score", "Pooled per-run detector scores.",
-                                       ("detector", "model_name"), self.namespace, self.registry, buckets=bounds)
+                self.score = _register(Histogram, "detector_score", "Pooled per-run detector scores, per phase.",
+                                       ("detector", "phase", "model_name"), self.namespace, self.registry,
+                                       buckets=bounds)
                 self.score_bounds = frozenset(bounds)
             return self.score
 
@@ -197,7 +209,7 @@ class PrometheusMetrics(BaseSink):
     def on_attach(self, *, model_name: str, detectors: Sequence[DetectorInfo]) -> None:
         """Create every child at 0 and publish thresholds, severities and actions."""
         m = self._m
-        score = m.score_histogram(self._score_buckets, [d.threshold for d in detectors])
+        score = m.score_histogram(self._score_buckets, [phase_threshold(d, p) for d in detectors for p in d.phases])
         for outcome in OUTCOMES:
             m.generations.labels(model_name, outcome)
         m.tokens.labels(model_name)
@@ -205,29 +217,35 @@ class PrometheusMetrics(BaseSink):
         m.in_flight.labels(model_name)
         for d in detectors:
             for phase in d.phases:
+                threshold = phase_threshold(d, phase)
                 m.alerts.labels(d.name, phase, d.action, model_name)
-            m.threshold.labels(d.name, model_name).set(d.threshold)
-            score.labels(d.name, model_name)
-            self._publish_info(model_name, d)
-            if math.isfinite(d.threshold) and float(d.threshold) not in m.score_bounds:
-                self._warn_once(("bucket", d.name, str(d.threshold)),
-                                "detector %r threshold %s is not a bucket boundary of %s_detector_score (its buckets "
-                                "were fixed by an earlier attach on this registry); give this monitor its own "
-                                "registry or add the threshold to score_buckets", d.name, d.threshold, m.namespace)
+                m.threshold.labels(d.name, phase, model_name).set(threshold)
+                score.labels(d.name, phase, model_name)
+                if math.isfinite(threshold) and float(threshold) not in m.score_bounds:
+                    self._warn_once(("bucket", d.name, str(threshold)),
+                                    "detector %r threshold %s is not a bucket boundary of %s_detector_score (its "
+                                    "buckets were fixed by an earlier attach on this registry); give this monitor its "
+                                    "own registry or add the threshold to score_buckets", d.name, threshold,
+                                    m.namespace)
+            self._publish_info(model_name, d.name, d.severity, d.action)
             with self._lock:
                 self._known.add((model_name, d.name))
+        m.alerts.labels(MARKUP_INJECTION, PROMPT, "alert", model_name)
+        self._publish_info(model_name, MARKUP_INJECTION, "warning", "alert")
+        with self._lock:
+            self._known.add((model_name, MARKUP_INJECTION))
 
-    def _publish_info(self, model_name: str, d: DetectorInfo) -> None:
+    def _publish_info(self, model_name: str, name: str, severity: str, action: str) -> None:
         # A re-attach may change severity or action: drop the old info child so the
         # rules' join on (detector, model_name) never sees two series.
         m = self._m
-        key, new = (model_name, d.name), (d.severity, d.action)
+        key, new = (model_name, name), (severity, action)
         with m.lock:
             old = m.info_labels.get(key)
             if old is not None and old != new:
-                m.detector_info.remove(d.name, model_name, *old)
+                m.detector_info.remove(name, model_name, *old)
             m.info_labels[key] = new
-            m.detector_info.labels(d.name, model_name, *new).set(1)
+            m.detector_info.labels(name, model_name, *new).set(1)
 
     def on_run_start(self, *, run_id: str, model_name: str) -> None:
         """Count the run as in flight (once, however often it is announced)."""
@@ -257,7 +275,7 @@ class PrometheusMetrics(BaseSink):
         child.inc(exemplar=self._exemplar(alert.run_id))
 
     def on_run_end(self, result: RunResult) -> None:
-        """Count the outcome, observe each detector's pooled score and end the in-flight run."""
+        """Count the outcome, observe each detector's pooled score per phase and end the in-flight run."""
         m = self._m
         m.generations.labels(result.model_name, result.outcome).inc()
         with self._lock:
@@ -266,13 +284,14 @@ class PrometheusMetrics(BaseSink):
             m.in_flight.labels(started_as).dec()
         score = m.score_histogram(self._score_buckets, ())
         exemplar = self._exemplar(result.run_id)
-        for detector, value in result.scores.items():
-            if not math.isfinite(value):
-                self._warn_once(("score", detector), "detector %r pooled a non-finite score (%s); not observed",
-                                detector, value)
-                continue
-            self._check_known(result.model_name, detector)
-            score.labels(detector, result.model_name).observe(value, exemplar=exemplar)
+        for phase, scores in result.phase_scores.items():
+            for detector, value in scores.items():
+                if not math.isfinite(value):
+                    self._warn_once(("score", detector), "detector %r pooled a non-finite score (%s); not observed",
+                                    detector, value)
+                    continue
+                self._check_known(result.model_name, detector)
+                score.labels(detector, phase, result.model_name).observe(value, exemplar=exemplar)
 
     def on_error(self, *, stage: str, error: BaseException) -> None:
         """Count a monitoring fault by stage (unknown stages as ``other``, keeping the label set closed)."""

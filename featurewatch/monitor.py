@@ -39,6 +39,7 @@ from .errors import ConfigError, MonitorError
 from .generation import GenerationResult, Prompt, generate_batch
 from .hooks import _StopForward, rewrap, unwrap
 from .intervention import Intervention, Steering, compile_steering, suppression
+from .markup import ChatMarkup
 from .models import LoadedModel, load_model, resolve_hookpoint
 from .pack import DEFAULT_PACK, Pack, load_pack
 from .readout import Readout, build_readouts
@@ -88,6 +89,7 @@ class Monitor:
         self.readouts: list[Readout] = build_readouts(model, self.detectors, all_saes, watch=watch, pack=self.pack)
         self._saes = {r.hookpoint: r.sae for r in self.readouts if r.sae is not None}
         suppress = [iv for spec in self.detectors if spec.action == "suppress" for iv in suppression(spec)]
+        self._interventions = list(interventions)  # the monitor's own: a call's stack on top of them
         self._steering = self._compile(interventions, suppress)
         callbacks = [on_alert] if callable(on_alert) else list(on_alert)
         self._fanout = Fanout(sinks, callbacks, fail_closed=fail_closed)
@@ -97,6 +99,7 @@ class Monitor:
         self._special = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
         self._handles: list[Any] = []
         self._live: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._chat: ChatMarkup | None = None  # the template's grammar, probed when a session first needs it
         self.attach()
 
     @classmethod
@@ -148,6 +151,13 @@ class Monitor:
         dtype = getattr(self.model, "dtype", None)
         return compile_steering(resolved, self._saes, max_activation=unit,
                                 dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+    def _compile_call(self, interventions: Sequence[Intervention]) -> dict[str, Steering]:
+        """A call's interventions, compiled; on a feature the monitor steers too, their sum is bounded as one
+        stack's (the two deltas add up in the residual stream)."""
+        if self._interventions:
+            self._compile([*self._interventions, *interventions])  # checked together, compiled apart
+        return self._compile(interventions)
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -202,7 +212,7 @@ class Monitor:
     def session(self, batch_size: int = 1, *, top_features: int = 0, run_ids: Sequence[str] | None = None,
                 n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
                 interventions: Sequence[Intervention] = (), stop_after_deepest: bool = False,
-                blocking: bool = True) -> Session:
+                blocking: bool = True, markup: Sequence[Sequence[tuple[int, int]]] | None = None) -> Session:
         """A session for driving the model yourself: ``with monitor.session() as s: model(...)``.
 
         ``top_features``: keep each token's residual so readings can list its strongest
@@ -210,6 +220,11 @@ class Monitor:
         content a detector reads (default: the whole first call is prompt, all content).
         ``blocking=False`` (shadow mode): ``block`` alerts are reported but do not mark the
         runs blocked, so they go on and are scored to the end.
+
+        Chat markup typed into a prompt's content that reached the model as markup tokens is reported
+        as a ``markup-injection`` alert after the first forward pass: at the token spans ``markup`` gives
+        per row (a caller that rendered the prompt knows them), or, without a ``content`` mask (ids
+        someone else built), where the ids break the chat template's grammar (:mod:`~featurewatch.markup`).
         """
         if not self._handles:
             raise ConfigError("the monitor is detached; call attach() first")
@@ -217,9 +232,9 @@ class Monitor:
             raise ConfigError(f"top_features={top_features}; it must be 0 (off) or more")
         s = Session(batch_size, owner=self, readouts=self.readouts, tokenizer=self.tokenizer,
                     model_name=self.model_name, special_ids=self._special, top_features=top_features,
-                    blocking=blocking, steering=self._compile(interventions) if interventions else None,
+                    blocking=blocking, steering=self._compile_call(interventions) if interventions else None,
                     stop_after_deepest=stop_after_deepest, n_prompt=n_prompt, content=content, run_ids=run_ids,
-                    clock=self.clock, on_end=self._end_session)
+                    clock=self.clock, on_end=self._end_session, markup=markup)
         self._live.add(s)
         for row in s.rows:
             self._book.open(row, self.detectors)
@@ -261,9 +276,32 @@ class Monitor:
         try:
             ids = kwargs.get("input_ids", args[0] if args else None)
             length = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+            first = session.positions.n_seen == 0
             session.record_step(session.positions.step(ids, kwargs.get("attention_mask"), length))
+            if first:
+                self._report_markup(session, ids, kwargs.get("attention_mask"))
         except Exception as exc:  # noqa: BLE001 — fail-open policy, see module docstring
             self._fault(session, "pre_hook", exc)
+
+    def _report_markup(self, session: Session, ids: Tensor | None, mask: Tensor | None) -> None:
+        """After a session's first forward pass: a ``markup-injection`` alert for each run whose prompt has
+        chat markup typed into its content (spans the caller gave, or read from ids someone else built)."""
+        spans = session.markup
+        if spans is None:
+            if session.positions.content is not None or ids is None or self.tokenizer is None:
+                return  # featurewatch rendered the prompt: typed markup is text there
+            if self._chat is None:
+                self._chat = ChatMarkup(self.tokenizer)
+            rows = ids.detach().cpu().tolist()
+            keep = mask.detach().cpu().bool().tolist() if mask is not None else [[True] * len(r) for r in rows]
+            spans = []
+            for row, real in zip(rows, keep):
+                where = [p for p, ok in enumerate(real) if ok]
+                found = self._chat.read([row[p] for p in where]).injected if where else []
+                spans.append([(where[a], where[b - 1] + 1) for a, b in found])
+        for run, found in zip(session.rows, spans):
+            if found:
+                self._book.flag_markup(run, found)
 
     def _make_hook(self, readout: Readout) -> Callable[..., Any]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:

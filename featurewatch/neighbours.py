@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._plot import pyplot
-from .errors import ConfigError
 from .hooks import forward_until
 from .positions import excluded_positions
 from .records import Record, pad_right, render
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, check_feature_ids
 
 if TYPE_CHECKING:
     from .pack import Pack
@@ -151,6 +150,4 @@ def draw_map(sae: SparseAutoencoder, feature: int, neighbours: Sequence[Neighbou
 
 
 def _check(sae: SparseAutoencoder, features: Sequence[int]) -> None:
-    bad = [f for f in features if not 0 <= f < sae.d_sae]
-    if bad:
-        raise ConfigError(f"feature(s) {bad} out of range; the SAE has features 0 … {sae.d_sae - 1}")
+    check_feature_ids(sae, features)

@@ -19,6 +19,7 @@ files are opened (a FIFO or a device would hang or flood the loader).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .detector import DetectorSpec
 from .errors import ConfigError, FeatureOutOfRange, SAEFormatError
 from .models import normalize_hookpoint
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, check_feature_ids
 
 DEFAULT_PACK = "smollm2-135m-instruct"
 _RESERVED = {"pack.json", "features.json"}
@@ -100,15 +101,17 @@ class Pack:
     def feature_summary(self, hookpoint: str, feature: int) -> dict[str, Any]:
         """What the pack knows of one feature: label, statistics, stored top contexts, the detectors reading it.
 
-        ``hookpoint`` must have an SAE in the pack and ``feature`` be in its range (else
+        ``hookpoint`` (``layers.N`` or SAELens ``blocks.N.hook_resid_post``) must have an SAE in the pack and
+        ``feature`` be in its range (else
         :class:`ConfigError` / :class:`FeatureOutOfRange` naming the valid ones).
         """
+        given = hookpoint
+        with contextlib.suppress(ConfigError):  # a name not understood is named below, with the valid ones
+            hookpoint = normalize_hookpoint(hookpoint)  # SAELens blocks.N.hook_resid_post, as everywhere else
         sae = self.saes.get(hookpoint)
         if sae is None:
-            raise ConfigError(f"pack {self.name} has no SAE at {hookpoint!r}; valid: {', '.join(self.saes)}")
-        if not 0 <= feature < sae.d_sae:
-            raise FeatureOutOfRange(f"feature {feature} is out of range; the SAE at {hookpoint} has features "
-                                    f"0 … {sae.d_sae - 1}")
+            raise ConfigError(f"pack {self.name} has no SAE at {given!r}; valid: {', '.join(self.saes)}")
+        check_feature_ids(sae, [feature], hookpoint=hookpoint)
         info = self.features.get(hookpoint, {}).get(feature)
         used_by = [{"detector": d.name, "weight": f.weight} for d in self.detectors.values()
                    if normalize_hookpoint(d.hookpoint) == hookpoint for f in d.features if f.id == feature]
@@ -255,11 +258,10 @@ def _check_spec(spec: DetectorSpec, path: Path, saes: dict[str, SparseAutoencode
         if hookpoint not in saes:
             raise ConfigError(f"{path}: hookpoint {spec.hookpoint!r} has no SAE in this pack; "
                               f"valid: {', '.join(saes) or 'none'}")
-        d_sae = saes[hookpoint].d_sae
-        for f in spec.features:
-            if f.id >= d_sae:
-                raise FeatureOutOfRange(f"{path}: feature {f.id} is out of range; the SAE at {hookpoint} "
-                                        f"has features 0 … {d_sae - 1}")
+        try:
+            check_feature_ids(saes[hookpoint], [f.id for f in spec.features], hookpoint=hookpoint)
+        except FeatureOutOfRange as exc:
+            raise FeatureOutOfRange(f"{path}: {exc}") from None
     else:
         probe = confined(root, str(spec.probe_weights), what="probe_weights")
         _load_probe(probe, saes[hookpoint].d_in if hookpoint in saes else None)

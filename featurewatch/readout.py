@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .detector import DetectorSpec
-from .errors import ConfigError, FeatureOutOfRange, WidthMismatch
+from .errors import ConfigError, WidthMismatch
 from .models import model_width, resolve_hookpoint
 from .pack import Pack
-from .sae import SparseAutoencoder, SubsetEncoder
+from .sae import SparseAutoencoder, SubsetEncoder, check_feature_ids
 
 
 @dataclass
@@ -83,9 +83,8 @@ def build_readouts(model: nn.Module, detectors: Sequence[DetectorSpec], saes: Ma
         if needed and sae is None:
             raise ConfigError(f"detectors or watched features at {name} need an SAE there; "
                               f"SAEs given for: {', '.join(saes) or 'none'}")
-        if sae is not None and needed and max(needed) >= sae.d_sae:
-            raise FeatureOutOfRange(f"feature {max(needed)} is out of range for the SAE at {name} "
-                                    f"(features 0 … {sae.d_sae - 1})")
+        if sae is not None:
+            check_feature_ids(sae, sorted(needed), hookpoint=name)
         ids = sorted(needed)
         col = {f: i for i, f in enumerate(ids)}
         W_feat = torch.zeros(len(ids), len(specs))

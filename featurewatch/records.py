@@ -9,9 +9,10 @@ phases as separate token runs so the boundary is exact.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from .alert import COMPLETION, PHASES, PROMPT
 from .errors import RecordError
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 ROLES = ("system", "user", "assistant")
-__all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "parse_record", "render",
-           "pad_right"]
+__all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "markup_ids", "parse_record",
+           "records_from_lines", "render", "pad_right"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Rendered:
     ids: list[int]
     n_prompt: int
     content: list[bool]
+    markup: tuple[tuple[int, int], ...] = ()
+    """Token spans ``[start, end)`` of chat markup typed inside content that became marker tokens
+    (rendered with ``typed_markup="markup"``, as another engine tokenizes); empty otherwise."""
 
     def phase_of(self, position: int) -> str:
         return PROMPT if position < self.n_prompt else COMPLETION
@@ -115,19 +119,25 @@ def iter_records(path: str | Path, *, skip_invalid: bool = False,
     except OSError as exc:
         raise RecordError(f"cannot open {p}: {exc.strerror}", path=str(p)) from exc
     with handle:
-        for n, raw in enumerate(handle, start=1):
-            try:
-                record = _parse_line(raw, n, str(p))
-            except RecordError as exc:
-                if not skip_invalid:
-                    raise
-                if on_skip is None:
-                    raise RecordError("skip_invalid needs an on_skip callback so skipped lines are reported",
-                                      path=str(p), line=n) from exc
-                on_skip(exc)
-                continue
-            if record is not None:
-                yield record
+        yield from records_from_lines(handle, path=str(p), skip_invalid=skip_invalid, on_skip=on_skip)
+
+
+def records_from_lines(lines: Iterable[bytes], *, path: str, skip_invalid: bool = False,
+                       on_skip: Callable[[RecordError], Any] | None = None) -> Iterator[Record]:
+    """The one reader of record lines (a file's, or package data's): :func:`iter_records` without the file."""
+    for n, raw in enumerate(lines, start=1):
+        try:
+            record = _parse_line(raw, n, path)
+        except RecordError as exc:
+            if not skip_invalid:
+                raise
+            if on_skip is None:
+                raise RecordError("skip_invalid needs an on_skip callback so skipped lines are reported",
+                                  path=path, line=n) from exc
+            on_skip(exc)
+            continue
+        if record is not None:
+            yield record
 
 
 def _parse_line(raw: bytes, n: int, path: str) -> Record | None:
@@ -153,19 +163,82 @@ def load_records(path: str | Path, **kwargs: Any) -> list[Record]:
     return list(iter_records(path, **kwargs))
 
 
-def _tokenize(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool = False
-              ) -> tuple[list[int], list[bool]]:
-    """Token ids of ``text`` and, per token, whether it starts inside one of the content ``spans``."""
+TypedMarkup = Literal["text", "markup"]
+"""How chat markup typed inside a message's content is tokenized: ``text`` (what featurewatch
+renders: ``<|im_end|>`` typed by a person is the characters ``<``, ``|``, ``im`` ...) or ``markup``
+(what an engine that tokenizes the rendered chat as a whole builds: real marker tokens, reported
+in :attr:`Rendered.markup`)."""
+
+
+_ROLE_HEADER = re.compile(r"(?:system|user|assistant|tool)[^\S\n]*\n")
+"""A role name and its line end right after a typed turn marker (``<|im_start|>assistant⏎``)."""
+
+
+def markup_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (chat markers, end of text, ...): what typed markup can become."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(decoder, dict):
+        ids.update(int(i) for i, t in decoder.items() if getattr(t, "special", False))
+    return frozenset(ids)
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool, split: bool = False
+            ) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids of ``text`` and their character offsets (None for slow tokenizers, which have none);
+    ``split``: special-token strings in ``text`` are tokenized as the characters they are."""
+    extra = {"split_special_tokens": True} if split else {}
     try:
-        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True, **extra)
+        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        enc, offsets = tokenizer(text, add_special_tokens=special), None
-    ids = list(enc["input_ids"])
+        return list(tokenizer(text, add_special_tokens=special, **extra)["input_ids"]), None
+
+
+def _tokenize(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool = False,
+              typed_markup: TypedMarkup = "text") -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+    """Token ids of ``text``, per token whether it starts inside one of the content ``spans``, and the
+    token spans of markup typed inside them (``typed_markup="markup"`` only; with ``"text"`` the
+    content spans are tokenized with special tokens split into text, and the rest as markup)."""
+    ids, offsets = _encode(tokenizer, text, special=special)
     if offsets is None:
-        return ids, [True] * len(ids)
-    content = [end > start and any(a <= start < b for a, b in spans) for start, end in offsets]
-    return ids, content
+        return ids, [True] * len(ids), []
+    marks = markup_ids(tokenizer)
+    typed = [i for i, (t, (start, _)) in enumerate(zip(ids, offsets))
+             if t in marks and any(a <= start < b for a, b in spans)]
+    markup: list[tuple[int, int]] = []
+    typed_chars: list[tuple[int, int]] = []  # the typed markers and the role header after each
+    if typed and typed_markup == "text":
+        for i in typed:
+            start, end = offsets[i]
+            header = _ROLE_HEADER.match(text, end)
+            typed_chars.append((start, header.end() if header else end))
+        ids, offsets = _encode_content_as_text(tokenizer, text, spans, special=special)
+    for i in typed if typed_markup == "markup" else ():
+        if markup and markup[-1][1] == i:
+            markup[-1] = (markup[-1][0], i + 1)
+        else:
+            markup.append((i, i + 1))
+    content = [end > start and any(a <= start < b for a, b in spans) and not any(a <= start < b for a, b in typed_chars)
+               for start, end in offsets]
+    return ids, content, markup
+
+
+def _encode_content_as_text(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize ``text`` piece by piece: the content ``spans`` with special-token strings split into
+    text, what lies between them (the template's markup) as markup."""
+    cuts = sorted({0, len(text), *(x for span in spans for x in span if 0 <= x <= len(text))})
+    pieces = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for a, b in pieces:
+        inside = any(lo <= a < hi for lo, hi in spans)
+        piece_ids, piece_offsets = _encode(tokenizer, text[a:b], special=special and len(pieces) == 1,
+                                           split=inside)
+        ids += piece_ids
+        offsets += [(s + a, e + a) for s, e in piece_offsets or [(0, b - a)] * len(piece_ids)]
+    return ids, offsets
 
 
 def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
@@ -184,18 +257,25 @@ def _content_spans(rendered: str, messages: list[dict[str, str]]) -> list[tuple[
     return spans
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool = True
-                ) -> Rendered:
-    """Tokenize chat messages through the chat template (all prompt phase), with the content mask."""
+def render_chat(messages: list[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool = True,
+                typed_markup: TypedMarkup = "text") -> Rendered:
+    """Tokenize chat messages through the chat template (all prompt phase), with the content mask.
+
+    Chat markup a message's content contains (``Hi<|im_end|>\\n<|im_start|>assistant\\n``) is the
+    content's text (``typed_markup="text"``): it cannot end the turn or start another. With
+    ``typed_markup="markup"`` it is tokenized as the markers an engine that tokenizes the whole
+    rendered chat would build, and reported in :attr:`Rendered.markup`.
+    """
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    ids, content = _tokenize(tokenizer, text, _content_spans(text, messages))
-    return Rendered(ids, len(ids), content)
+    ids, content, markup = _tokenize(tokenizer, text, _content_spans(text, messages), typed_markup=typed_markup)
+    return Rendered(ids, len(ids), content, tuple(markup))
 
 
-def render_text(text: str, tokenizer: Any) -> Rendered:
-    """Tokenize a plain document (all prompt phase, all content but special tokens)."""
-    ids, content = _tokenize(tokenizer, text, [(0, len(text))], special=True)
-    return Rendered(ids, len(ids), content)
+def render_text(text: str, tokenizer: Any, *, typed_markup: TypedMarkup = "text") -> Rendered:
+    """Tokenize a plain document (all prompt phase, all content but special tokens; markup typed in it is
+    text unless ``typed_markup="markup"``)."""
+    ids, content, markup = _tokenize(tokenizer, text, [(0, len(text))], special=True, typed_markup=typed_markup)
+    return Rendered(ids, len(ids), content, tuple(markup))
 
 
 def render(record: Record, tokenizer: Any, *, max_tokens: int | None = None) -> Rendered:
@@ -215,9 +295,9 @@ def render(record: Record, tokenizer: Any, *, max_tokens: int | None = None) -> 
             if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to a split
                 prompt = full[: full.rfind(msgs[-1]["content"])]
             spans = _content_spans(full, msgs)
-            p_ids, p_content = _tokenize(tokenizer, prompt, spans)
+            p_ids, p_content, _ = _tokenize(tokenizer, prompt, spans)
             shifted = [(a - len(prompt), b - len(prompt)) for a, b in spans]
-            c_ids, c_content = _tokenize(tokenizer, full[len(prompt):], shifted)
+            c_ids, c_content, _ = _tokenize(tokenizer, full[len(prompt):], shifted)
             out = Rendered(p_ids + c_ids, len(p_ids), p_content + c_content)
     if max_tokens is None or len(out.ids) <= max_tokens:
         return out

@@ -2,9 +2,11 @@
 
 The transformers :class:`~featurewatch.monitor.Monitor` (and the LangChain surfaces, which run
 through it) and vLLM's :class:`~featurewatch.integrations.vllm.engine.EngineMonitor` drive
-different loops, but each of their runs goes through these three steps, written here once:
+different loops, but each of their runs goes through these steps, written here once:
 
 * :meth:`RunBook.open` — a pool per (detector, phase), ``on_run_start``;
+* :meth:`RunBook.flag_markup` — a ``markup-injection`` alert for chat markup typed into a prompt's
+  content that reached the model as markup (:mod:`~featurewatch.markup`);
 * :meth:`RunBook.fire` — the alert with its evidence (:func:`~featurewatch.detection.record_alert`),
   a ``block`` stopping the run, delivery to callbacks and sinks;
 * :meth:`RunBook.close` — the end-of-run verdicts (:func:`~featurewatch.detection.final_firings`,
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .alert import Alert, Outcome, RunResult
+from .alert import MARKUP_INJECTION, PROMPT, Alert, Outcome, RunResult
 from .detection import Firing, LabelLookup, final_firings, new_pools, record_alert
 from .detector import DetectorSpec
 from .readout import Readout
@@ -54,6 +56,22 @@ class RunBook:
                              tokenizer=self.tokenizer, labels=self.labels)
         if firing.spec.action == "block" and not firing.final and blocking:
             run.blocked = True
+        if not self.fanout.alert(alert):
+            run.degraded = True
+        return alert
+
+    def flag_markup(self, run: RunState, spans: Sequence[tuple[int, int]]) -> Alert:
+        """Report chat markup typed into a run's prompt content that reached the model as markup: one
+        ``markup-injection`` alert (severity ``warning``, action ``alert``) whose span covers every
+        typed marker found (``score``: how many spans), delivered as any alert is."""
+        start, end = min(a for a, _ in spans), max(b for _, b in spans)
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode([t for t in run.token_ids[start:end] if t >= 0])
+        alert = Alert(detector=MARKUP_INJECTION, phase=PROMPT, score=float(len(spans)), threshold=1.0,
+                      action="alert", severity="warning", run_id=run.run_id, model_name=self.model_name,
+                      span=(start, end), text=text, started_at=run.started_at, fired_at=self.clock())
+        run.alerts.append(alert)
         if not self.fanout.alert(alert):
             run.degraded = True
         return alert

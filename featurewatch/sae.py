@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, SAEFormatError
+from .errors import ConfigError, FeatureOutOfRange, SAEFormatError
 from .sae_formats import SAEFields, read_fields
 
 Architecture = Literal["standard", "jumprelu", "topk"]
@@ -217,6 +217,17 @@ class SparseAutoencoder(nn.Module):
                    metadata=fields.metadata)
 
 
+def check_feature_ids(sae: SparseAutoencoder, ids: Iterable[int], *, hookpoint: str | None = None,
+                      what: str = "feature") -> None:
+    """The one range check for feature ids: each in ``0 … d_sae − 1``, else :class:`FeatureOutOfRange` naming
+    the ids (as ``what``: ``feature``, ``--feature``, ...) and the valid range."""
+    bad = [int(f) for f in ids if not 0 <= int(f) < sae.d_sae]
+    if bad:
+        at = f" at {hookpoint}" if hookpoint else ""
+        ids_text = f"{what} {bad[0]} is" if len(bad) == 1 else f"{what}s {bad} are"
+        raise FeatureOutOfRange(f"{ids_text} out of range; the SAE{at} has features 0 … {sae.d_sae - 1}")
+
+
 class SubsetEncoder:
     """Encodes a fixed set of an SAE's features: ``encoder(x)`` is ``sae.encode(x)[..., features]``.
 
@@ -227,10 +238,7 @@ class SubsetEncoder:
 
     def __init__(self, sae: SparseAutoencoder, features: Sequence[int] | Tensor) -> None:
         idx = torch.as_tensor(features, dtype=torch.long, device=sae.W_enc.device)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae):
-            from .errors import FeatureOutOfRange
-
-            raise FeatureOutOfRange(f"feature ids must be in 0 … {sae.d_sae - 1}; got {idx.tolist()}")
+        check_feature_ids(sae, idx.tolist())
         self.sae = sae
         self.features: list[int] = idx.tolist()
         self._idx = idx

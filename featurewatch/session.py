@@ -115,7 +115,8 @@ class Session:
                  steering: Mapping[str, Steering] | None = None, stop_after_deepest: bool = False,
                  n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
                  run_ids: Sequence[str] | None = None, clock: Callable[[], float] = time.time,
-                 on_end: Callable[[Session], list[RunResult]] | None = None) -> None:
+                 on_end: Callable[[Session], list[RunResult]] | None = None,
+                 markup: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; a session needs at least one run")
         if run_ids is not None and len(run_ids) != batch_size:
@@ -144,6 +145,10 @@ class Session:
         self.steering: Mapping[str, Steering] = dict(steering or {})
         """This call's own compiled interventions, by hookpoint (the monitor's are the monitor's)."""
         self.stop_after_deepest = stop_after_deepest
+        self.markup = [list(spans) for spans in markup] if markup is not None else None
+        """Per batch row, the token spans of chat markup typed into the prompt's content (the caller rendered
+        the prompt and knows); None: read from the ids after the first forward pass when no content mask was
+        given (see :mod:`~featurewatch.markup`)."""
         self.clock = clock
         self.step_seconds = 0.0
         self.error = False

@@ -33,13 +33,23 @@ class Sink(Protocol):
 
 
 class DetectorInfo(Protocol):
-    """What a sink may know of a detector at attach time (a :class:`~featurewatch.detector.DetectorSpec`)."""
+    """What a sink may know of a detector at attach time (a :class:`~featurewatch.detector.DetectorSpec`).
+
+    A phase fires at its own threshold when the detector has one (``phase_thresholds``, read with
+    :func:`phase_threshold`), else at ``threshold``.
+    """
 
     name: str
     threshold: float
     action: str
     severity: str
     phases: Sequence[str]
+
+
+def phase_threshold(detector: DetectorInfo, phase: str) -> float:
+    """The threshold a detector's alerts of ``phase`` fire at: its ``phase_thresholds`` entry, else ``threshold``."""
+    own = getattr(detector, "phase_thresholds", None) or {}
+    return float(own.get(phase, detector.threshold))
 
 
 class BaseSink:

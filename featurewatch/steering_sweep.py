@@ -23,7 +23,6 @@ refused, since it would steer the samples but not the reference.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -41,7 +40,7 @@ from .generation import render_prompt
 from .hooks import hooked, unwrap
 from .intervention import Intervention, sae_hookpoint
 from .models import resolve_hookpoint
-from .records import Record, Rendered, iter_records, parse_record, render
+from .records import Record, Rendered, iter_records, records_from_lines, render
 
 if TYPE_CHECKING:
     from .monitor import Monitor
@@ -103,8 +102,8 @@ def with_strength(iv: Intervention, strength: float) -> Intervention:
 
 def default_corpus() -> list[Record]:
     """The built-in held-out corpus: a few neutral sentences and short chats, shipped with the package."""
-    text = resources.files("featurewatch").joinpath("data/neutral.jsonl").read_text(encoding="utf-8")
-    return [parse_record(json.loads(line), line=i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = resources.files("featurewatch").joinpath("data/neutral.jsonl").read_bytes()
+    return list(records_from_lines(data.splitlines(keepends=True), path="featurewatch/data/neutral.jsonl"))
 
 
 def load_corpus(path: str | Path | None) -> list[Record]:

@@ -147,7 +147,8 @@ def test_an_intervention_must_name_its_hookpoint_when_there_are_several_saes() -
 # --------------------------------------------------------------------------- values a user may not give
 def test_an_out_of_range_feature_is_reported_before_any_advice_about_units() -> None:
     iv = Intervention(feature=4608, mode="clamp", value=2)
-    with pytest.raises(FeatureOutOfRange, match="feature 4608: out of range; the SAE at layers.1 has features 0 … 11"):
+    with pytest.raises(FeatureOutOfRange, match="intervention on feature 4608 is out of range; the SAE at layers.1 has "
+                                                  "features 0 … 11"):
         compile_steering([iv], {HP: sae16()}, max_activation=lambda hp, f: None)  # used to advise absolute=True
 
 

@@ -52,10 +52,18 @@ def test_attach_creates_every_child_at_zero(sink: PrometheusMetrics, registry: C
     assert value(registry, "featurewatch_tokens_scanned_total", model_name="tiny") == 0
     assert value(registry, "featurewatch_generations_in_flight", model_name="tiny") == 0
     assert value(registry, "featurewatch_monitor_duration_seconds_count", model_name="tiny") == 0
-    assert value(registry, "featurewatch_detector_score_count", detector="scam-email", model_name="tiny") == 0
+    for phase in ("prompt", "completion"):
+        assert value(registry, "featurewatch_detector_score_count", detector="scam-email", phase=phase,
+                     model_name="tiny") == 0
     for stage in DEFAULT_ERROR_STAGES:
         assert value(registry, "featurewatch_errors_total", stage=stage) == 0
-    assert value(registry, "featurewatch_detector_threshold", detector="dangerous-content", model_name="tiny") == 2.25
+    assert value(registry, "featurewatch_detector_threshold", detector="dangerous-content", phase="prompt",
+                 model_name="tiny") == 2.25
+    # the markup-injection alert (any monitor may raise it) exists at 0 with its severity
+    assert value(registry, "featurewatch_alerts_total", detector="markup-injection", phase="prompt", action="alert",
+                 model_name="tiny") == 0
+    assert value(registry, "featurewatch_detector_info", detector="markup-injection", model_name="tiny",
+                 severity="warning", action="alert") == 1
     assert value(registry, "featurewatch_detector_info", detector="dangerous-content", model_name="tiny",
                  severity="critical", action="block") == 1
     build = [s for m in registry.collect() if m.name == "featurewatch_build_info" for s in m.samples]
@@ -77,14 +85,49 @@ def test_alert_increments_counter_with_run_id_exemplar(sink: PrometheusMetrics, 
 def test_score_histogram_has_a_bucket_boundary_at_each_threshold(sink: PrometheusMetrics, registry: CollectorRegistry,
                                                                  make_result: Any) -> None:
     for i, score in enumerate((1.69, 1.71, 5.0)):
-        sink.on_run_end(make_result(run_id=f"r{i}", scores={"scam-email": score, "dangerous-content": 2.25}))
-    scam = dict(detector="scam-email", model_name="tiny")
+        sink.on_run_end(make_result(run_id=f"r{i}", phase_scores={"prompt": {"scam-email": score,
+                                                                              "dangerous-content": 2.25}}))
+    scam = dict(detector="scam-email", phase="prompt", model_name="tiny")
     assert value(registry, "featurewatch_detector_score_bucket", le="1.7", **scam) == 1
     assert value(registry, "featurewatch_detector_score_bucket", le="2.0", **scam) == 2
     assert value(registry, "featurewatch_detector_score_count", **scam) == 3
     assert value(registry, "featurewatch_detector_score_bucket", le="2.25", detector="dangerous-content",
-                 model_name="tiny") == 3
+                 phase="prompt", model_name="tiny") == 3
     assert value(registry, "featurewatch_generations_total", model_name="tiny", outcome="completed") == 3
+
+
+def test_thresholds_are_published_per_phase_as_alerts_fire(registry: CollectorRegistry, make_detector: Any,
+                                                           make_result: Any) -> None:
+    """The gauge published the spec's bare threshold (1.898) while alerts fired at 2.60 / 2.65 (issue 26 §3)."""
+    from featurewatch.pack import DEFAULT_PACK, load_pack
+
+    sink = PrometheusMetrics(registry=registry)
+    specs = load_pack(DEFAULT_PACK).select(None)
+    sink.on_attach(model_name="smollm2", detectors=specs)
+    split = [s for s in specs if s.phase_thresholds]
+    assert split, "the default pack has a detector with per-phase thresholds"
+    for spec in specs:
+        for phase in spec.phases:
+            labels = dict(detector=spec.name, phase=phase, model_name="smollm2")
+            assert value(registry, "featurewatch_detector_threshold", **labels) == spec.threshold_for(phase)
+            # a bucket boundary at the phase's threshold: le="<threshold>" counts the runs below it
+            assert value(registry, "featurewatch_detector_score_bucket", le=str(spec.threshold_for(phase)),
+                         **labels) == 0
+        for phase in ("prompt", "completion"):
+            if phase not in spec.phases:
+                assert value(registry, "featurewatch_detector_threshold", detector=spec.name, phase=phase,
+                             model_name="smollm2") is None
+    # the gauge holds no series without a phase (the bare threshold is nobody's firing point)
+    assert all(s.labels.get("phase") for m in registry.collect() if m.name == "featurewatch_detector_threshold"
+               for s in m.samples)
+    # the score compared with a phase's threshold is that phase's pooled score
+    spec = split[0]
+    phase = next(iter(spec.phase_thresholds))
+    t = spec.threshold_for(phase)
+    sink.on_run_end(make_result(model_name="smollm2", scores={spec.name: t + 10},
+                                phase_scores={phase: {spec.name: t - 0.01}}))
+    labels = dict(detector=spec.name, phase=phase, model_name="smollm2")
+    assert value(registry, "featurewatch_detector_score_bucket", le=str(t), **labels) == 1
 
 
 def test_second_sink_on_the_same_registry_shares_the_metrics(sink: PrometheusMetrics, registry: CollectorRegistry,
@@ -158,13 +201,14 @@ def test_odd_events_are_handled_and_logged_once(sink: PrometheusMetrics, registr
         for _ in range(2):
             sink.on_error(stage="made-up", error=RuntimeError("x"))
             sink.on_alert(make_alert(detector="unannounced", run_id="x" * 200))
-            sink.on_run_end(make_result(scores={"scam-email": float("inf")}))
+            sink.on_run_end(make_result(phase_scores={"prompt": {"scam-email": float("inf")}}))
     assert value(registry, "featurewatch_errors_total", stage="other") == 2
     assert value(registry, "featurewatch_errors_total", stage="made-up") is None
     # An alert is never dropped, even from a detector not announced at attach.
     assert value(registry, "featurewatch_alerts_total", detector="unannounced", phase="prompt", action="alert",
                  model_name="tiny") == 2
-    assert value(registry, "featurewatch_detector_score_count", detector="scam-email", model_name="tiny") == 0
+    assert value(registry, "featurewatch_detector_score_count", detector="scam-email", phase="prompt",
+                 model_name="tiny") == 0
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 4, messages  # stage, unannounced detector, long run id, non-finite score
     sink.on_error(stage="hook", error=RuntimeError("x"))
@@ -283,7 +327,8 @@ def test_multiprocess_mode_merges_worker_processes(tmp_path: Path, monkeypatch: 
     labels = dict(detector="scam-email", phase="prompt", action="alert", model_name="tiny")
     assert value(merged, "featurewatch_alerts_total", **labels) == 2
     assert value(merged, "featurewatch_generations_in_flight", model_name="tiny") == 2
-    assert value(merged, "featurewatch_detector_threshold", detector="scam-email", model_name="tiny") == 1.7
+    assert value(merged, "featurewatch_detector_threshold", detector="scam-email", phase="prompt",
+                 model_name="tiny") == 1.7
     assert value(merged, "featurewatch_detector_info", detector="scam-email", model_name="tiny",
                  severity="critical", action="alert") == 1
     # A dead worker's live gauges go once the app server reports it (e.g. gunicorn's child_exit).

@@ -81,7 +81,7 @@ def test_inspect_neighbours_and_map_for_people(pack: Path, tmp_path: Path, capsy
 @pytest.mark.parametrize("argv, message", [
     (["1", "2", "--map", "m.png"], r"--map draws one feature's neighbourhood; give one FEATURE, not 2"),
     (["1", "--neighbours", "0"], r"argument --neighbours: must be an integer >= 1"),
-    (["99", "--neighbours", "3"], r"feature\(s\) \[99\] out of range"),
+    (["99", "--neighbours", "3"], r"feature 99 is out of range; the SAE at layers.1 has features 0 … 7"),
     (["1", "--map", "/nonexistent/dir/m.png"], r"--map /nonexistent/dir/m.png: directory /nonexistent/dir does not"),
 ])
 def test_inspect_bad_input_exits_2_before_the_model_loads(argv: list[str], message: str, pack: Path,

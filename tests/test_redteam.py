@@ -33,7 +33,7 @@ def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- bad input: exit 2, one line, no model
 @pytest.mark.parametrize("argv, message", [
     (["--feature", "x12"], r"argument --feature: write \[HOOKPOINT:\]FEATURE"),
-    (["--feature", "99"], r"--feature 99 is out of range: the SAE at layers.1 has features 0 … 7"),
+    (["--feature", "99"], r"--feature 99 is out of range; the SAE at layers.1 has features 0 … 7"),
     (["--feature", "layers.0:1"], r"no SAE at layers.0; its SAE hookpoints: layers.1"),
     (["--feature", "1", "--strengths", "1,x"], r"argument --strengths: give comma-separated numbers"),
     (["--feature", "1", "--strengths", "5000"], r"--strengths 5000: .*beyond ±1000"),

@@ -186,7 +186,8 @@ class TestServe:
                        action="alert", model_name="smollm2") >= 1
         assert _sample(metrics, "featurewatch_alerts_total", detector="scam-email-block", phase="prompt",
                        action="block", model_name="smollm2") >= 1
-        assert _sample(metrics, "featurewatch_detector_threshold", detector="scam-email", model_name="smollm2") != 0
+        assert _sample(metrics, "featurewatch_detector_threshold", detector="scam-email", phase="prompt",
+                       model_name="smollm2") != 0
         assert _sample(metrics, "featurewatch_tokens_scanned_total", model_name="smollm2") > 20
 
     def test_run_ends_are_counted(self, server: dict[str, Any]) -> None:

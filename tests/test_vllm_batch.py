@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from featurewatch.integrations.vllm.batch import ContentMasker, Scheduled, step_tokens
+from featurewatch.integrations.vllm.batch import Scheduled, step_tokens
+from featurewatch.markup import ChatMarkup
 
 SPECIAL = torch.tensor([0, 1, 2])
 
@@ -57,7 +58,7 @@ def tokenizer() -> Any:
 def test_content_mask_from_ids_equals_render_chat(messages: list[dict[str, str]], tokenizer: Any) -> None:
     from featurewatch.records import render_chat, render_text
 
-    masker = ContentMasker(tokenizer)
+    masker = ChatMarkup(tokenizer)
     rendered = render_chat(messages, tokenizer)
     assert masker.mask(rendered.ids) == rendered.content
     document = render_text("Dear customer, your account is locked.", tokenizer)

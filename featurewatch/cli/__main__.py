@@ -1,7 +1,5 @@
 """``python -m featurewatch.cli``: the same as the ``featurewatch`` command."""
 
-import sys
+from . import console
 
-from . import main
-
-sys.exit(main())
+console()

@@ -412,6 +412,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                        "compared")
     infos = {i: info.model_dump() for i, info in pack.features.get(spec.hookpoint, {}).items()}
     out = explain(spec.model_dump(), infos, contexts=args.contexts)
+    # the thresholds alerts fire at, per watched phase (the page's API and the metrics gauge show the same)
+    out["thresholds"] = {p: spec.threshold_for(p) for p in spec.phases}
     if spec.kind == "sae" and (args.neighbours or args.input):
         _readout_neighbours(args, pack, spec, out)
     if args.json:

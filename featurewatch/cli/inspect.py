@@ -12,15 +12,18 @@ import json
 import sys
 from typing import Any
 
-from ..errors import FeatureOutOfRange
 from ._common import NON_NEGATIVE, POSITIVE, CLIError, check_input, load_model, open_output, progress
+
+MAP_NEIGHBOURS = 32
+"""The most neighbours ``--map`` draws: every point is labelled, and past a few dozen the labels are ink."""
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("inspect", help="a feature's statistics and top-activating contexts")
     p.add_argument("features", type=NON_NEGATIVE, nargs="+", metavar="FEATURE", help="feature id(s) in the SAE")
     p.add_argument("--pack", default=None, help="pack name or directory (default: smollm2-135m-instruct)")
-    p.add_argument("--hookpoint", help="the SAE's hookpoint (default: the pack's first)")
+    p.add_argument("--hookpoint", help="the SAE's hookpoint, layers.N or SAELens blocks.N.hook_resid_post "
+                                       "(default: the pack's first)")
     p.add_argument("--corpus", help="JSONL records to find top contexts in (default: the pack's stored ones)")
     p.add_argument("--records", type=POSITIVE, default=400, help="records of --corpus to scan (>= 1)")
     p.add_argument("--model", help="model for --corpus (default: the embedded SmolLM2-135M-Instruct)")
@@ -29,24 +32,31 @@ def register(sub: Any) -> None:
         "top context"))
     p.add_argument("--map", metavar="OUT.png", help=(
         "write a 2-D map of one FEATURE's neighbourhood: PCA of the decoder directions of it and its "
-        "--neighbours K (default 8) nearest, points labelled"))
+        f"--neighbours K (default 8, at most {MAP_NEIGHBOURS}) nearest, points labelled"))
     p.add_argument("--json", action="store_true", help="one JSON object per feature")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..display import feature_name
+    from ..models import normalize_hookpoint
     from ..pack import DEFAULT_PACK, load_pack
+    from ..records import load_records
 
     corpus = check_input(args.corpus, "--corpus") if args.corpus else None
+    # every line of the corpus is checked now: a malformed one is an error naming it, before the model loads
+    records = load_records(corpus) if corpus is not None else []
+    if args.map and args.neighbours and args.neighbours > MAP_NEIGHBOURS:
+        raise CLIError(f"--neighbours {args.neighbours}: --map labels every point, so it draws at most "
+                       f"{MAP_NEIGHBOURS} neighbours; give --neighbours 1 … {MAP_NEIGHBOURS}")
     pack = load_pack(args.pack or DEFAULT_PACK)
-    hp = args.hookpoint or next(iter(pack.saes))
+    hp = normalize_hookpoint(args.hookpoint) if args.hookpoint else next(iter(pack.saes))  # SAELens names too
     sae = pack.saes.get(hp)
     if sae is None:
         raise CLIError(f"--hookpoint {hp}: pack {pack.name} has no SAE there; valid: {', '.join(pack.saes)}")
-    bad = [f for f in args.features if not 0 <= f < sae.d_sae]
-    if bad:
-        raise FeatureOutOfRange(f"feature(s) {bad} out of range; the SAE at {hp} has 0 … {sae.d_sae - 1}")
+    from ..sae import check_feature_ids
+
+    check_feature_ids(sae, args.features, hookpoint=hp)
     if args.map:
         if len(args.features) != 1:
             raise CLIError(f"--map draws one feature's neighbourhood; give one FEATURE, not {len(args.features)}")
@@ -61,14 +71,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if corpus is not None:
         from ..calibration.discover import top_contexts
         from ..neighbours import coactivation_neighbours
-        from ..records import load_records
 
         loaded = load_model(args)
         live = top_contexts(loaded.model, loaded.tokenizer, sae, hp, str(corpus), list(args.features),
                             n_records=args.records, progress=progress())
         if args.neighbours:
             coactive = coactivation_neighbours(loaded.model, loaded.tokenizer, sae, hp,
-                                               load_records(corpus)[:args.records], list(args.features),
+                                               records[:args.records], list(args.features),
                                                args.neighbours, progress=progress())
     out = []
     for feature in args.features:

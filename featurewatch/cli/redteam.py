@@ -85,9 +85,9 @@ def target_of(args: argparse.Namespace, pack: Pack) -> Target:
         raise CLIError(f"--feature: pack {pack.name} has no SAE at {hp or 'any hookpoint'}; its SAE hookpoints: "
                        f"{', '.join(pack.saes) or 'none'}")
     features = tuple(dict.fromkeys(f for _, f in refs))
-    for f in features:
-        if not 0 <= f < sae.d_sae:
-            raise CLIError(f"--feature {f} is out of range: the SAE at {hp} has features 0 … {sae.d_sae - 1}")
+    from ..sae import check_feature_ids
+
+    check_feature_ids(sae, features, hookpoint=hp, what="--feature")
     detector = args.detector or reading_detector(pack, hp, features)
     if pack.detectors[detector].kind != "sae":
         raise CLIError(f"--detector {detector!r} is a dense probe; name the SAE detector (its probe judges)")

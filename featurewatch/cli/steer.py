@@ -103,8 +103,9 @@ def check_features(interventions: list[Intervention], pack: Pack) -> None:
         if hp is None or sae is None:
             raise CLIError(f"--steer {iv.hookpoint or ''}:{iv.feature}: pack {pack.name} has no SAE at "
                            f"{hp or 'any hookpoint'}; its SAE hookpoints: {', '.join(pack.saes) or 'none'}")
-        if not 0 <= iv.feature < sae.d_sae:
-            raise CLIError(f"feature {iv.feature} is out of range: the SAE at {hp} has features 0 … {sae.d_sae - 1}")
+        from ..sae import check_feature_ids
+
+        check_feature_ids(sae, [iv.feature], hookpoint=hp)
         if iv.mode in ("clamp", "add") and not iv.absolute and not pack.max_activation(hp, iv.feature):
             raise CLIError(f"pack {pack.name} knows no max activation for feature {iv.feature} at {hp}: give raw "
                            "values with --steer-absolute / --absolute")

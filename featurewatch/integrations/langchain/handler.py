@@ -12,7 +12,9 @@ Why it is built this way:
   pass where a ``block`` alert fired.
 * Each ``generate`` call is bound to its LangChain run by its prompt: at
   ``on_chat_model_start``/``on_llm_start`` the handler renders the prompt with
-  the monitor's tokenizer, as the pipeline will; the wrapper claims, per batch
+  the monitor's tokenizer, as the pipeline will (chat markup typed into a message
+  becomes marker tokens there, so it is reported as a ``markup-injection`` alert,
+  and the message's other text read as content); the wrapper claims, per batch
   row, the oldest pending run whose tokens it is given. Concurrent calls thus
   stay isolated whatever thread they generate in; two identical prompts in
   flight at once may swap run ids (their tokens, and so their alerts, are the
@@ -147,7 +149,7 @@ class _Binder:
         if not any(claims):
             return original(*args, **kwargs)
         width = ids.shape[1]
-        content = []
+        content, markup = [], []
         for r, hit in enumerate(claims):
             where = keep[r].nonzero().flatten().tolist()
             flags = [False] * width
@@ -156,10 +158,13 @@ class _Binder:
             for pos, flag in zip(where, marks):
                 flags[pos] = flag
             content.append(flags)
+            # chat markup typed into the messages, which the pipeline tokenized as markup: reported
+            spans = rendered.markup if hit and rendered else ()
+            markup.append([(where[hit[1] + a], where[hit[1] + b - 1] + 1) for a, b in spans] if hit else [])
         run_ids = [hit[0].run_id if hit else uuid.uuid4().hex for hit in claims]
         enforce = any(hit[0].enforce for hit in claims if hit)
         session = self.monitor.session(len(rows), run_ids=run_ids, n_prompt=[width] * len(rows),
-                                       content=content, blocking=enforce)
+                                       content=content, blocking=enforce, markup=markup)
         for r, hit in enumerate(claims):
             if hit:
                 hit[0].session, hit[0].row = session, r
@@ -269,7 +274,7 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
                             parent_run_id: UUID | None = None, tags: list[str] | None = None,
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         try:
-            rendered = render_chat(to_chat(messages[0]), self.monitor.tokenizer)
+            rendered = render_chat(to_chat(messages[0]), self.monitor.tokenizer, typed_markup="markup")
         except Exception as exc:  # noqa: BLE001 — an unrenderable prompt is not monitored, the call goes on
             logger.warning("featurewatch cannot render run %s's messages, so it is not monitored: %s", run_id, exc)
             rendered = None
@@ -278,7 +283,8 @@ class FeatureWatchCallbackHandler(BaseCallbackHandler):
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        rendered = render_text(prompts[0], self.monitor.tokenizer) if prompts and prompts[0].strip() else None
+        rendered = (render_text(prompts[0], self.monitor.tokenizer, typed_markup="markup")
+                    if prompts and prompts[0].strip() else None)
         self._start(run_id, rendered, parent_run_id, tags, metadata, batch=int(kwargs.get("batch_size") or 1) > 1)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:

@@ -19,8 +19,10 @@ turns it off (see :mod:`.plugin`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,13 +35,14 @@ from ...alert import PHASES, Alert, RunResult
 from ...detection import Firing, observe
 from ...detector import DetectorSpec
 from ...errors import ConfigError
+from ...markup import ChatMarkup
 from ...pack import Pack
 from ...readout import Readout, build_readouts
 from ...runbook import RunBook
 from ...session import FeatureTotals, RunState
 from ...sinks import Fanout, Sink
-from .batch import ContentMasker, Scheduled, step_tokens
-from .options import SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
+from .batch import Scheduled, step_tokens
+from .options import RUN_ID_MAX, SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class _Live:
     n_prompt: int
     content: list[bool]
     detectors: list[DetectorSpec]
+    markup: list[tuple[int, int]] = field(default_factory=list)  # typed chat markup, reported once read
 
 
 @dataclass
@@ -79,7 +83,7 @@ class EngineMonitor:
         self.readouts: list[Readout] = build_readouts(model, self.detectors, pack.saes, pack=pack)
         self.by_layer = {r.layer: r for r in self.readouts}
         self.tokenizer = tokenizer
-        self.masker = ContentMasker(tokenizer)
+        self.masker = ChatMarkup(tokenizer)
         self.special = torch.tensor(sorted(self.masker.special), dtype=torch.long)
         self.model_name = model_name or pack.manifest.model
         self.events: list[Alert | RunResult] = []  # for a handle in another process (attach), when kept
@@ -94,6 +98,7 @@ class EngineMonitor:
         self.keep_results = keep_results
         self.runs: dict[str, _Live] = {}
         self._req_of: dict[int, str] = {}  # id(RunState) -> request id
+        self._live_ids: set[str] = set()  # run ids of the requests in flight
         self.unmonitored: set[str] = set()
         self.request_policy = request_policy
         self.request_options: Counter[str] = Counter()  # what happened to per-request options, by status
@@ -124,17 +129,33 @@ class EngineMonitor:
             return None
         detectors = decision.detectors
         prompt = list(getattr(request, "prompt_token_ids", None) or [])
-        state = RunState(run_id=safe_run_id(self.external_id(req_id)), started_at=self.clock())
+        state = RunState(run_id=self._distinct_run_id(req_id), started_at=self.clock())
         for readout in self.readouts:
             m = len(readout.feature_ids)
             for phase in PHASES:
                 state.feature_sums[(readout.hookpoint, phase)] = torch.zeros(m)
                 state.feature_counts[(readout.hookpoint, phase)] = torch.zeros((), dtype=torch.long)
-        live = _Live(state, len(prompt), self.masker.mask(prompt), detectors)
+        reading = self.masker.read(prompt)
+        live = _Live(state, len(prompt), reading.content, detectors, reading.injected)
         self.runs[req_id] = live
         self._req_of[id(state)] = req_id
+        self._live_ids.add(state.run_id)
         self.book.open(state, detectors)
         return live
+
+    def _distinct_run_id(self, req_id: str) -> str:
+        """The run id of a new request: the client's ``X-Request-Id`` (bounded, :func:`safe_run_id`), or, when a
+        request in flight already has that id (a client may send the same one twice at once), the id with a
+        short hash of vLLM's own request id, so every run, its alerts and its result stay apart."""
+        run_id = safe_run_id(self.external_id(req_id))
+        if run_id not in self._live_ids:
+            return run_id
+        digest = hashlib.sha256(str(req_id).encode("utf-8", "surrogatepass")).hexdigest()
+        for n in range(8, len(digest) + 1, 4):
+            candidate = f"{run_id[:RUN_ID_MAX - n - 1]}~{digest[:n]}"
+            if candidate not in self._live_ids:
+                return candidate
+        return f"{run_id[:RUN_ID_MAX - 33]}~{uuid.uuid4().hex}"
 
     # ------------------------------------------------------------------ steps
     def begin_step(self, req_ids: Sequence[str | None], query_start_loc: Sequence[int], positions: Tensor,
@@ -169,6 +190,12 @@ class EngineMonitor:
             run.token_ids.append(tid)
             run.read.append(rd)
             run.completion.append(comp)
+        for rid in req_ids:
+            live = self.runs.get(rid) if rid is not None else None
+            # typed chat markup: one alert, once the prompt is read up to its last span (prefills may be chunked)
+            if live is not None and live.markup and len(live.state.token_ids) >= live.markup[-1][1]:
+                spans, live.markup = live.markup, []
+                self.book.flag_markup(live.state, spans)
         self.step = _Step(rows, tokens, runs)
 
     def on_layer(self, layer: int, hidden: Tensor, residual: Tensor | None) -> None:
@@ -240,6 +267,7 @@ class EngineMonitor:
                 continue
             run = live.state
             self._req_of.pop(id(run), None)
+            self._live_ids.discard(run.run_id)
             result = self.book.close(run, self.readouts, run.outcome(error=error, aborted=rid in gave_up))
             self.results[run.run_id] = result
             while len(self.results) > self.keep_results:
