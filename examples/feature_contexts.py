@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+OUTLIER = 3.0  # × the median token norm of the file
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +58,7 @@ def main() -> int:
         if acts.ids != [r.id for r in records]:
             continue
         max_tokens = None
+        norm_median = float(acts.acts.float().norm(dim=1).median())
         for i, rec in enumerate(records):
             start, end = int(acts.offsets[i]), int(acts.offsets[i + 1])
             if end == start:
@@ -70,8 +73,12 @@ def main() -> int:
             positions = keep.nonzero().flatten().tolist()
             if len(positions) != end - start:
                 continue  # rendered differently from the cache (another budget): skip, never misalign
+            x = acts.acts[start:end].float()
             with torch.no_grad():
-                a = enc(acts.acts[start:end].float())
+                a = enc(x)
+            # a token with an outlier norm (a few content tokens carry one) lights up every feature at once:
+            # its context says nothing about any one feature
+            a[x.norm(dim=1) > OUTLIER * norm_median] = 0
             for j, f in enumerate(features):
                 col = a[:, j]
                 k = int(col.argmax())

@@ -208,7 +208,9 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     if baseline is not None:
         report["baseline"] = _score_baseline(baseline, args.name, rows, sae)
     report["written"][args.name] = write(args.name, cal.chosen, cal.decision, cal.thresholds)
-    if cal.probe is not None and cal.chosen != "probe":
+    if cal.chosen == "probe":  # the -probe variant (a judge for redteam, a column in eval) is the same decision
+        report["written"][args.name + "-probe"] = write(args.name + "-probe", "probe", cal.decision, cal.thresholds)
+    elif cal.probe is not None:
         thr = set_thresholds(rows, np.nan_to_num(cal.oof["probe"], nan=-np.inf), watch, target_fpr=args.target_fpr,
                              min_tokens=args.min_tokens, prior_tokens=args.prior_tokens, kinds=on)
         report["written"][args.name + "-probe"] = write(args.name + "-probe", "probe", cal.probe, thr)
