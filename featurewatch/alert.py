@@ -50,6 +50,8 @@ class Alert(BaseModel):
     span: tuple[int, int] = Field(description="token positions [start, end) that drove the alert")
     text: str | None = Field(default=None, description="the span's text; None when text capture is off")
     evidence: list[FeatureEvidence] = Field(default_factory=list)
+    would_block: bool = Field(default=False, description=(
+        "a block detector fired in shadow mode: enforcing would have stopped the run here (it went on)"))
     started_at: float = Field(description="unix time the run started")
     fired_at: float = Field(description="unix time the alert fired")
 

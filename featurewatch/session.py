@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -115,7 +115,7 @@ class Session:
                  steering: Mapping[str, Steering] | None = None, stop_after_deepest: bool = False,
                  n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
                  run_ids: Sequence[str] | None = None, clock: Callable[[], float] = time.time,
-                 on_end: Callable[[Session], list[RunResult]] | None = None) -> None:
+                 on_end: Callable[[Session], list[RunResult]] | None = None, shadow: Collection[str] = ()) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; a session needs at least one run")
         if run_ids is not None and len(run_ids) != batch_size:
@@ -140,7 +140,9 @@ class Session:
         self.model_name = model_name
         self.top_features = top_features
         self.blocking = blocking
-        """False in shadow mode: ``block`` alerts are reported but do not stop the runs."""
+        """False in shadow mode: ``block`` alerts are reported (``would_block``) but do not stop the runs."""
+        self.shadow = frozenset(shadow)
+        """Detectors whose ``block`` runs in shadow mode in this call (on top of the monitor's)."""
         self.steering: Mapping[str, Steering] = dict(steering or {})
         """This call's own compiled interventions, by hookpoint (the monitor's are the monitor's)."""
         self.stop_after_deepest = stop_after_deepest

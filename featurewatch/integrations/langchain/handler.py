@@ -187,7 +187,7 @@ class _Binder:
 def _withhold(response: Any, run: _Run) -> None:
     """Empty a blocked batch input's generation (the same objects the batch returns), saying why."""
     assert isinstance(run.session, Session)
-    alert = next(a for a in run.session.rows[run.row].alerts if a.action == "block")
+    alert = next(a for a in run.session.rows[run.row].alerts if a.action == "block" and not a.would_block)
     note = {"run_id": run.run_id, "outcome": "blocked", "detector": alert.detector, "phase": alert.phase}
     for generations in getattr(response, "generations", []):
         for gen in generations:
