@@ -68,6 +68,10 @@ class RunResult(BaseModel):
     phase_scores: dict[str, dict[str, float]] = Field(default_factory=dict)
     alerts: list[Alert] = Field(default_factory=list)
     n_tokens: int = 0
+    n_prompt_tokens: int = Field(default=0, description="of n_tokens, the prompt's (markup included)")
+    n_output_tokens: int | None = Field(default=None, description=(
+        "tokens generated, where the engine knows it (Monitor.generate does; the monitor reads one less: "
+        "the last generated token is never fed back)"))
     degraded: bool = Field(default=False, description="a monitoring fault happened (fail-open)")
     started_at: float = 0.0
     ended_at: float = 0.0

@@ -81,6 +81,15 @@ class StopBlocked:
         return torch.tensor([row.blocked for row in self.session.rows], device=input_ids.device)
 
 
+def count_generated(session: Session, sequences: Any, width: int, tokenizer: Any) -> None:
+    """Note each run's generated tokens (up to and with its first end-of-sequence token) in its state."""
+    sequences = sequences.sequences if hasattr(sequences, "sequences") else sequences
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for r, row in enumerate(session.rows):
+        new = sequences[r, width:].tolist()
+        row.generated = new.index(eos) + 1 if eos in new else len(new)
+
+
 def generation_results(session: Session, prompts: Sequence[Sequence[int]], sequences: Tensor, width: int,
                        tokenizer: Any) -> list[GenerationResult]:
     """One :class:`GenerationResult` per batch row of a monitored ``generate``: ``prompts`` are the rows'
@@ -179,6 +188,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
         generate: Any = monitor.model.generate  # nn.Module's stub does not know generate()
         out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        streamer=streamer, stopping_criteria=criteria, **generate_kwargs)
+        count_generated(session, out, width, tok)  # before the runs close: their results carry it
     results = generation_results(session, [r.ids for r in rendered], out, width, tok)
     blocked = next((res for res in results if res.outcome == "blocked"), None)
     if raise_on_block and blocked is not None:

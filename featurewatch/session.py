@@ -71,6 +71,7 @@ class RunState:
     fired: dict[str, int] = field(default_factory=dict)  # detector -> position of its first alert
     blocked: bool = False
     degraded: bool = False
+    generated: int | None = None  # tokens generated, set by an engine that knows it before the run closes
 
     def outcome(self, *, error: bool = False, aborted: bool = False) -> Outcome:
         """How the run ended: an error in its call, a block, the client gone (``aborted``), or completed."""
@@ -85,6 +86,7 @@ class RunState:
                 phase_scores.setdefault(phase, {})[name] = pool.value
         return RunResult(run_id=self.run_id, model_name=model_name, outcome=outcome, scores=scores,
                          phase_scores=phase_scores, alerts=list(self.alerts), n_tokens=len(self.token_ids),
+                         n_prompt_tokens=len(self.completion) - sum(self.completion), n_output_tokens=self.generated,
                          degraded=self.degraded, started_at=self.started_at, ended_at=ended_at)
 
 

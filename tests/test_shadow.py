@@ -143,7 +143,7 @@ def _engine_step(engine: EngineMonitor, rid: str) -> None:
 @pytest.mark.parametrize("switch", [True, ("demo-block",), None])
 def test_the_vllm_engine_in_shadow_never_stops_a_request(tmp_path: Path, tiny_llama: Any, switch: Any) -> None:
     registry = CollectorRegistry()
-    pack = load_pack(_pack_dir(tmp_path / "p", True if switch is None else False))  # None: the pack's own switch
+    pack = load_pack(_pack_dir(tmp_path / "p", switch is None))  # None: the pack's own switch
     alerts: list[Alert] = []
     engine = EngineMonitor(tiny_llama, TinyTokenizer(), pack=pack, sinks=[PrometheusMetrics(registry=registry)],
                            shadow=switch, model_name="m", keep_events=True)

@@ -48,7 +48,7 @@ from langchain_core.messages import BaseMessage
 
 from ...alert import Alert, RunResult
 from ...errors import ConfigError, GenerationBlocked
-from ...generation import GenerationResult, StopBlocked, blocked_error, generation_results
+from ...generation import GenerationResult, StopBlocked, blocked_error, count_generated, generation_results
 from ...records import Rendered, render_chat, render_text
 from ...session import Session, current_session
 from .common import PerMonitor, router_for, to_chat
@@ -168,6 +168,7 @@ class _Binder:
         try:
             with session:
                 out = original(*args, **kwargs)
+                count_generated(session, out, width, self.monitor.tokenizer)
             sequences = out.sequences if hasattr(out, "sequences") else out
             results = generation_results(session, rows, sequences, width, self.monitor.tokenizer)
             for hit in claims:
