@@ -4,7 +4,11 @@ Interleaves monitored and unmonitored generations in one process
 and reports medians, plus the hook's own time per forward pass and offline
 scoring throughput. Run:
 
-    .venv/bin/python benchmarks/overhead.py [--reps 7] [--new-tokens 32] [--json]
+    .venv/bin/python benchmarks/overhead.py [--reps 7] [--new-tokens 32] [--json] [--otel]
+
+``--otel`` adds a third interleaved arm: monitored with the OpenTelemetry sink on (a span per run,
+an event per alert; the SDK's batch span processor exporting to memory, so the export's network
+time, which runs in the processor's own thread, is not counted).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -49,11 +54,25 @@ def generate_plain(lm: object, prompt: str, new_tokens: int) -> float:
     return time.perf_counter() - t
 
 
+def otel_arm() -> tuple[BaseSink, Any, Any]:
+    """The OpenTelemetry sink on an SDK tracer provider with a batch processor exporting to memory."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from featurewatch.otel import OpenTelemetrySink
+
+    provider, exporter = TracerProvider(), InMemorySpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return OpenTelemetrySink(tracer_provider=provider, pack="smollm2-135m-instruct"), provider, exporter
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--otel", action="store_true", help="also time generations with the OpenTelemetry sink on")
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model()
@@ -61,19 +80,32 @@ def main() -> int:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     monitor = Monitor(lm.model, lm.tokenizer, pack="smollm2-135m-instruct", sinks=[timer])
     monitor.detach()
-    plain, monitored = [], []
+    otel_sink, provider, exporter = otel_arm() if args.otel else (None, None, None)
+
+    def timed(*, otel: bool) -> float:
+        if otel:
+            monitor.sinks.append(otel_sink)
+        monitor.attach()
+        t = time.perf_counter()
+        monitor.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                         raise_on_block=False)
+        elapsed = time.perf_counter() - t
+        monitor.detach()
+        if otel:
+            monitor.sinks.remove(otel_sink)
+        return elapsed
+
+    plain, monitored, with_otel = [], [], []
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
         for prompt in PROMPTS:
             p = generate_plain(lm, prompt, args.new_tokens)
-            monitor.attach()
-            t = time.perf_counter()
-            monitor.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                             raise_on_block=False)
-            m = time.perf_counter() - t
-            monitor.detach()
+            m = timed(otel=False)
+            o = timed(otel=True) if args.otel else None
             if rep:
                 plain.append(p)
                 monitored.append(m)
+                if o is not None:
+                    with_otel.append(o)
     hook = sorted(timer.seconds)
     monitor.attach()
     records = [parse_record({"text": PROMPTS[i % 3] * 8}, line=i) for i in range(48)]
@@ -94,6 +126,13 @@ def main() -> int:
         "rss_mb_before_monitor": round(rss0 / 1024, 1),
         "torch_threads": torch.get_num_threads(),
     }
+    if args.otel:
+        provider.force_flush()
+        result.update({
+            "otel_tokens_per_s_median": round(args.new_tokens / statistics.median(with_otel), 2),
+            "otel_vs_monitored_ratio_median": round(statistics.median(o / m for o, m in zip(with_otel, monitored)), 4),
+            "otel_spans_exported": len(exporter.get_finished_spans()),
+        })
     if args.json:
         print(json.dumps(result))
     else:

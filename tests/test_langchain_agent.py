@@ -163,3 +163,20 @@ def test_tool_calls_in_a_reply_are_parsed() -> None:
                                '</tool_call>')
     assert call["name"] == "lookup_order" and call["args"] == '{"order_id": "A17"}'
     assert parse_tool_calls("<tool_call>{not json}</tool_call>") == []
+
+
+def test_the_readme_agent_example_runs_shadow_then_enforce() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "agent_guard.py"
+    out = subprocess.run([sys.executable, str(example), "--max-new-tokens", "8"], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shadow, enforce = (json.loads(line) for line in out.stdout.splitlines())
+    assert shadow["mode"] == "shadow" and shadow["outcome"] == "completed" and shadow["would_block"] == ["scam-email"]
+    assert shadow["reply"] and shadow["featurewatch_would_block_total"] == 1.0
+    assert enforce["outcome"] == "blocked" and enforce["blocked_by"] == "scam-email"
+    assert enforce["reply"] == BLOCKED_MESSAGE and enforce["featurewatch_would_block_total"] == 1.0

@@ -175,3 +175,32 @@ def test_featurewatch_shadow_naming_an_unknown_detector_stops_the_server_at_star
     assert config is not None
     with pytest.raises(ConfigError, match="FEATUREWATCH_SHADOW names detectors that are not monitored \\(ghost\\)"):
         config.validate()
+
+
+# ---------------------------------------------------------------- `featurewatch run --shadow`, as the README shows
+@pytest.fixture
+def block_pack(tmp_path: Path) -> Path:
+    block = {"name": "demo-block", "description": "blocks", "kind": "sae", "hookpoint": HP, "action": "block",
+             "features": [{"id": 1, "weight": 1.0}], "threshold": -1e6, "phases": ["completion"],
+             "pooling": {"method": "mean", "min_tokens": 1}}
+    return make_pack(tmp_path / "pack", d_in=16, d_sae=8, hookpoint=HP, detectors=[block])
+
+
+@pytest.mark.parametrize("shadow", [[], ["--shadow"], ["--shadow", "demo-block"]])
+def test_cli_run_shadow(tiny_lm_dir: Path, block_pack: Path, shadow: list[str], capsys: Any) -> None:
+    from featurewatch.cli import main
+
+    code = main(["run", "--model", str(tiny_lm_dir), "--pack", str(block_pack), "--json", "--max-new-tokens", "4",
+                 "--prompt", "Hello there", *shadow])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    (alert,) = row["alerts"]
+    assert row["outcome"] == ("completed" if shadow else "blocked") and alert["would_block"] is bool(shadow)
+
+
+def test_cli_run_shadow_naming_an_unknown_detector_fails(tiny_lm_dir: Path, block_pack: Path, capsys: Any) -> None:
+    from featurewatch.cli import main
+
+    code = main(["run", "--model", str(tiny_lm_dir), "--pack", str(block_pack), "--prompt", "Hi", "--shadow", "nope"])
+    assert code == 2 and "shadow= names detectors that are not monitored (nope)" in capsys.readouterr().err
