@@ -180,3 +180,15 @@ def test_the_readme_agent_example_runs_shadow_then_enforce() -> None:
     assert shadow["reply"] and shadow["featurewatch_would_block_total"] == 1.0
     assert enforce["outcome"] == "blocked" and enforce["blocked_by"] == "scam-email"
     assert enforce["reply"] == BLOCKED_MESSAGE and enforce["featurewatch_would_block_total"] == 1.0
+
+
+def test_a_model_featurewatch_does_not_monitor_is_recorded_unmonitored(caplog: Any) -> None:
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    other = GenericFakeChatModel(messages=iter([AIMessage("hello")]))  # LangChain's own fake: not monitored
+    state = create_agent(other, tools=[], middleware=[FeatureWatchMiddleware("enforce")]).invoke(
+        {"messages": [HumanMessage("hi")]})
+    assert state["messages"][-1].text == "hello"  # passed through, untouched
+    assert state["featurewatch"] == [{"run_id": None, "outcome": "unmonitored", "blocked_by": None, "alerts": [],
+                                      "would_block": []}]
+    assert "not monitored" in caplog.text

@@ -49,7 +49,7 @@ from langgraph.types import Command
 from typing_extensions import NotRequired, TypedDict
 
 from ...errors import ConfigError, GenerationBlocked
-from .chat import _CALL_KWARG
+from .chat import _CALL_KWARG, ChatFeatureWatch
 from .common import run_metadata
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class FeatureWatchMiddleware(AgentMiddleware):
         return {"shadow": shadow, "hold": hold}, withhold
 
     def _request(self, request: ModelRequest) -> tuple[ModelRequest, set[str]]:
+        if not isinstance(request.model, ChatFeatureWatch):  # another model takes no featurewatch settings
+            return request, set()
         settings, withhold = self.plan(request.model)
         return request.override(model_settings={**request.model_settings, _CALL_KWARG: settings}), withhold
 
