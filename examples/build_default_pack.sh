@@ -26,9 +26,9 @@ rm -rf "$PACK/sae/layers.15"
 cp -r runs/sae16k/sae/layers.15 "$PACK/sae/"
 cp runs/sae16k/features.json "$PACK/features.json"  # full top contexts; the fit trims those no detector reads
 
-# 2. the detectors: every labelled text in several wrappers (plain, quoted in a user message, the
-#    assistant's reply to a neutral request, with and without a system prompt), one forward pass per
-#    wrapped set (cached under runs/recal/acts), features chosen among those the wrapper and formatting
-#    do not explain, per-phase thresholds set on each hard-negative group, a held-out report.
-#    Writes the four specs, their -probe variants and runs/recal/report.json. ~40 min on 2 busy cores.
-.venv/bin/python examples/recalibrate.py --data "$DATA"
+# 2. the detectors, through the product's own calibrate: leave-one-source-out over every public source
+#    (dev/multi's several sources per label, the older dev sets, our hand-written sets), benign pools as
+#    --negatives; each detector's decision (SAE readout, dense probe, mean difference) chosen by its worst
+#    left-out source; thresholds at 2 % FPR on the benign negatives of each phase. One forward pass per
+#    prepared file, cached under runs/calibrate (about 25 min on 2 idle cores the first time).
+bash examples/calibrate_default_pack.sh "$PACK"

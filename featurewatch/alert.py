@@ -32,6 +32,9 @@ class FeatureEvidence(BaseModel):
     label: str | None = None
     activation: float
     contribution: float
+    share: float | None = Field(default=None, description=(
+        "contribution / Σ |contribution| over every watched feature of the detector (and the unexplained "
+        "part of a dense detector's score)"))
 
 
 class Alert(BaseModel):
@@ -52,6 +55,11 @@ class Alert(BaseModel):
     evidence: list[FeatureEvidence] = Field(default_factory=list)
     would_block: bool = Field(default=False, description=(
         "a block detector fired in shadow mode: enforcing would have stopped the run here (it went on)"))
+    unexplained: float | None = Field(default=None, description=(
+        "dense (probe) detectors explained in SAE features: the part of the mean token score that no "
+        "evidence feature carries (the SAE's error and unwatched features), bias and decoder bias excluded"))
+    unexplained_share: float | None = Field(default=None, description=(
+        "|unexplained| / (Σ |contributions| + |unexplained|)"))
     started_at: float = Field(description="unix time the run started")
     fired_at: float = Field(description="unix time the alert fired")
 

@@ -13,6 +13,7 @@ so an alert's evidence is the features that actually carried its score:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,18 +149,32 @@ def final_firings(readouts: Sequence[Readout], runs: Sequence[RunState]) -> list
 
 
 def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, labels: LabelLookup | None = None,
-             top: int = 5) -> list[FeatureEvidence]:
-    """The features that carried a detector's score in a phase: largest ``weight × mean activation`` first."""
+             top: int = 5, mean_score: float | None = None
+             ) -> tuple[list[FeatureEvidence], float | None, float | None]:
+    """The features that carried a detector's score in a phase: largest ``weight × mean activation`` first.
+
+    An sae detector's evidence is its own readout. A dense probe with ``evidence_features`` is explained
+    in SAE features (``w·x = Σᵢ aᵢ·(w·dᵢ) + w·b_dec + w·ε``): each feature's exact part, and the part
+    no listed feature carries with its share (returned second and third; None for an sae detector).
+    ``mean_score`` is the phase's mean token score (before any prior), the unexplained part's source.
+    """
     key = (readout.hookpoint, phase)
     count = int(run.feature_counts[key]) if key in run.feature_counts else 0
-    if spec.kind != "sae" or not count:
-        return []
+    weighted = spec.features if spec.kind == "sae" else spec.evidence_features
+    if not weighted or not count:
+        return [], None, None
     mean = (run.feature_sums[key] / count).tolist()
     col = {f: i for i, f in enumerate(readout.feature_ids)}
-    items = [(f.weight * mean[col[f.id]], f, mean[col[f.id]]) for f in spec.features]
+    items = [(f.weight * mean[col[f.id]], f, mean[col[f.id]]) for f in weighted]
+    unexplained = None
+    if spec.kind == "probe" and mean_score is not None and math.isfinite(mean_score):
+        unexplained = mean_score - spec.bias - spec.evidence_offset - sum(c for c, _, _ in items)
+    total = sum(abs(c) for c, _, _ in items) + abs(unexplained or 0.0)
     items = sorted((it for it in items if it[0] > 0), key=lambda it: -it[0])[:top]
     return [FeatureEvidence(feature=f.id, label=f.label or (labels(readout.hookpoint, f.id) if labels else None),
-                            activation=act, contribution=c) for c, f, act in items]
+                            activation=act, contribution=c, share=c / total if total > 0 else None)
+            for c, f, act in items], unexplained, (abs(unexplained) / total if unexplained is not None and total > 0
+                                                   else None)
 
 
 def record_alert(firing: Firing, run: RunState, *, model_name: str, fired_at: float, tokenizer: Any = None,
@@ -171,13 +186,16 @@ def record_alert(firing: Firing, run: RunState, *, model_name: str, fired_at: fl
     """
     spec = firing.spec
     span = firing.pool.span(firing.position)
+    pool = firing.pool
+    items, unexplained, unexplained_share = evidence(firing.readout, run, spec, firing.phase, labels,
+                                                     mean_score=pool.total / pool.n if pool.n else None)
     text = None
     if tokenizer is not None:
         text = tokenizer.decode([t for t in run.token_ids[span[0]:span[1]] if t >= 0])
     alert = Alert(detector=spec.name, phase=firing.phase, score=firing.pool.value,
                   threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
                   run_id=run.run_id, model_name=model_name, span=span, text=text,
-                  evidence=evidence(firing.readout, run, spec, firing.phase, labels),
+                  evidence=items, unexplained=unexplained, unexplained_share=unexplained_share,
                   would_block=would_block, started_at=run.started_at, fired_at=fired_at)
     run.alerts.append(alert)
     run.fired.setdefault(spec.name, firing.position)

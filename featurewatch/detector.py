@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -60,6 +60,28 @@ class Pooling(BaseModel):
         "(n + prior_tokens)"))
 
 
+class OutOfSource(BaseModel):
+    """A detector's figures on whole groups of data (sources) that its fit never saw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group_by: str = Field(description="the record field whose values were left out one at a time")
+    decision: Literal["sae", "probe", "mean-diff"] = Field(description="the decision that was shipped")
+    reason: str = Field(description="why that decision: the leave-one-source-out comparison")
+    auroc: float | None = Field(default=None, description="AUROC of all out-of-source scores")
+    worst_auroc: float | None = Field(default=None, description="the lowest AUROC of any left-out group")
+    worst_group: str | None = None
+    in_split_auroc: float | None = Field(default=None, description=(
+        "AUROC of a split by record inside the same groups, for comparison"))
+    recall: float | None = Field(default=None, description="recall of left-out positives at the thresholds")
+    fpr: float | None = Field(default=None, description="false-positive rate of left-out negatives")
+    groups: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "per left-out group: n_pos, n_neg, auroc_pos (its positives vs every negative), auroc_neg (every "
+        "positive vs its negatives), recall, fpr_<kind>"))
+    compared: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "per decision kind tried: auroc, worst_auroc, in_split_auroc"))
+
+
 class Calibration(BaseModel):
     """Where a detector's weights and threshold came from, and how good they measured."""
 
@@ -75,6 +97,9 @@ class Calibration(BaseModel):
     held_out: str | None = Field(default=None, description="how the measuring split was made")
     date: str
     notes: str | None = None
+    out_of_source: OutOfSource | None = Field(default=None, description=(
+        "leave-one-source-out figures (calibrate --group-by): what the detector measured on whole "
+        "groups it was not fitted on"))
 
 
 class DetectorSpec(BaseModel):
@@ -90,6 +115,11 @@ class DetectorSpec(BaseModel):
     probe_weights: str | None = Field(default=None, description=(
         "kind probe: safetensors file (relative to the spec) with 'weight' (d_model,)"))
     bias: float = 0.0
+    evidence_features: list[FeatureWeight] = Field(default_factory=list, description=(
+        "kind probe: SAE features that explain the probe's score, each weighted by w·dᵢ (the probe's "
+        "weight on the feature's decoder direction); watched for evidence only, never added to the score"))
+    evidence_offset: float = Field(default=0.0, description=(
+        "kind probe: w·b_dec, the part of the score that is the SAE's decoder bias (no feature's)"))
     pooling: Pooling = Pooling()
     threshold: float = Field(description="fire when the pooled score reaches this (the combined score's, and "
                              "each phase's unless phase_thresholds overrides it)")
@@ -127,8 +157,14 @@ class DetectorSpec(BaseModel):
                 raise ValueError("feature ids in 'features' must be unique")
             if self.probe_weights:
                 raise ValueError("'probe_weights' is for kind 'probe' only")
+            if self.evidence_features:
+                raise ValueError("'evidence_features' is for kind 'probe' only (an sae detector's evidence is "
+                                 "its own features)")
         elif not self.probe_weights:
             raise ValueError("a probe detector needs 'probe_weights' (a safetensors file)")
+        elif len(self.evidence_features) > MAX_SAE_FEATURES:
+            raise ValueError(f"a probe explains itself with at most {MAX_SAE_FEATURES} evidence features, got "
+                             f"{len(self.evidence_features)}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError("'phases' must not repeat a phase")
         if any(not math.isfinite(t) for t in self.phase_thresholds.values()):

@@ -78,7 +78,8 @@ def build_readouts(model: nn.Module, detectors: Sequence[DetectorSpec], saes: Ma
                 raise WidthMismatch(f"the SAE at {name} reads width {sae.d_in}, but the model's residual "
                                     f"stream is {width} wide: use an SAE trained for this model")
             sae = sae.to(device=device, dtype=torch.float32)
-        needed = {f.id for s in specs if s.kind == "sae" for f in s.features} | {int(i) for i in watch.get(name, [])}
+        needed = ({f.id for s in specs for f in (s.features if s.kind == "sae" else s.evidence_features)}
+                  | {int(i) for i in watch.get(name, [])})
         if needed and sae is None:
             raise ConfigError(f"detectors or watched features at {name} need an SAE there; "
                               f"SAEs given for: {', '.join(saes) or 'none'}")

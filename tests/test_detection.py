@@ -10,7 +10,7 @@ import torch
 
 from conftest import TinyTokenizer, tiny_spec
 from featurewatch.detection import Firing, _add_totals, evidence, final_firings, new_pools, observe, record_alert
-from featurewatch.detector import DetectorSpec
+from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.positions import StepTokens
 from featurewatch.session import FeatureTotals, RunState
 
@@ -103,5 +103,31 @@ def test_an_alert_carries_its_span_text_and_the_features_that_carried_the_score(
     assert (alert.span, alert.text, alert.score, alert.run_id) == ((1, 3), "ab", 3.0, "run-0")
     assert [(e.feature, e.activation, e.contribution, e.label) for e in alert.evidence] == [
         (5, 4.0, 2.0, "label 5"), (3, 1.0, 1.0, "label 3")]
+    assert [e.share for e in alert.evidence] == pytest.approx([2 / 3, 1 / 3])
+    assert alert.unexplained is None and alert.unexplained_share is None  # an SAE readout explains itself
     assert run.alerts == [alert] and run.fired == {"demo": 2}
-    assert evidence(readout, run, spec, "completion") == []  # nothing read in that phase
+    assert evidence(readout, run, spec, "completion") == ([], None, None)  # nothing read in that phase
+
+
+def test_a_dense_probe_is_explained_by_its_evidence_features_and_says_what_they_leave_out() -> None:
+    """score = Σ aᵢ·(w·dᵢ) + w·b_dec + w·ε + b: the listed features' parts, and the rest as unexplained."""
+    spec = tiny_spec(kind="probe", features=[], probe_weights="probes/demo.safetensors", bias=-1.0, threshold=1.0,
+                     evidence_offset=0.25, evidence_features=[FeatureWeight(id=3, weight=0.5),
+                                                              FeatureWeight(id=5, weight=-0.25)])
+    readout, run = _readout(spec), _runs(1, spec)[0]
+    run.token_ids = [2, 3, 4, 5]
+    run.feature_sums[(HP, "prompt")] += torch.tensor([6.0, 4.0])  # means 3 and 2 over two tokens
+    run.feature_counts[(HP, "prompt")] += 2
+    pool = run.pools[("demo", "prompt")]
+    pool.extend([2.0, 3.0], [1, 2])  # mean token score 2.5
+    alert = record_alert(Firing(0, readout, spec, "prompt", pool, 2), run, model_name="tiny", fired_at=5.0)
+    # contributions: #3 0.5·3 = 1.5, #5 −0.25·2 = −0.5; unexplained 2.5 − (−1) − 0.25 − 1.0 = 2.25
+    assert [(e.feature, e.contribution) for e in alert.evidence] == [(3, 1.5)]  # only what pushed the score up
+    assert alert.unexplained == pytest.approx(2.25)
+    assert alert.evidence[0].share == pytest.approx(1.5 / (1.5 + 0.5 + 2.25))
+    assert alert.unexplained_share == pytest.approx(2.25 / (1.5 + 0.5 + 2.25))
+
+
+def test_evidence_features_are_for_probes_only() -> None:
+    with pytest.raises(ValueError, match="evidence_features"):
+        tiny_spec(evidence_features=[FeatureWeight(id=3, weight=1.0)])

@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +35,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("FEATUREWATCH_ARTIFACTS", ROOT / ".test-artifacts"))
 PROMPT = "Write a short note about the weather in the mountains today"
+TOKEN = "s3cret-token-for-the-tests-0123456789"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -213,6 +218,321 @@ def test_requests_a_page_elsewhere_could_send_are_refused(ui: Any) -> None:
     assert status == 403
 
 
+# --------------------------------------------------------------------------- HTTP, byte by byte (issue 26 §1)
+def raw(server: Any, data: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send bytes to the server on loopback; read everything until it closes the connection (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP responses in ``data``: ``(status, headers, body)`` (bodies framed by Content-Length)."""
+    out = []
+    while data.startswith(b"HTTP/1.1 "):
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(headers.get("content-length", len(rest)))
+        out.append((int(lines[0].split()[1]), headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def request(server: Any, method: str, path: str, body: bytes = b"", *, headers: dict[str, str] | None = None,
+            length: int | str | None = None) -> bytes:
+    hdrs = {"Host": f"127.0.0.1:{server.port}", "Content-Type": "application/json",
+            "Content-Length": str(len(body) if length is None else length), **(headers or {})}
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items() if v is not None)
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+def smuggled(server: Any, prompt: str = "smuggled") -> bytes:
+    """A whole second request, to be sent as the body of a first one."""
+    return request(server, "POST", "/api/runs", json.dumps({"prompt": prompt, "max_new_tokens": 1}).encode())
+
+
+def runs_with_prompt(server: Any, prompt: str) -> list[Any]:
+    return [r for r in list(server.app.runs.values()) if r.prompt == prompt]
+
+
+@pytest.mark.parametrize("case, headers, status", [
+    ("not JSON", {"Content-Type": "text/plain"}, 415),
+    ("DNS rebinding", {"Host": "evil.example:8765"}, 403),
+    ("another origin", {"Origin": "http://127.0.0.1:1"}, 403),
+    ("an opaque origin", {"Origin": "null"}, 403),
+    ("a cross-site fetch", {"Sec-Fetch-Site": "same-site"}, 403),
+])
+def test_a_refused_request_never_leaves_its_body_to_be_read_as_a_second_one(ui: Any, case: str,
+                                                                             headers: dict[str, str],
+                                                                             status: int) -> None:
+    """The issue: answered without reading its body, the body was parsed as a second request (415 then 202)."""
+    server, _ = ui
+    inner = smuggled(server, f"smuggled {case}")
+    got = responses(raw(server, request(server, "POST", "/api/runs", inner, headers=headers)))
+    assert [g[0] for g in got] == [status], got  # one answer: the refusal, never a 202 for the body
+    answer = json.loads(got[0][2])
+    assert answer["status"] == status and answer["error"] and got[0][1]["connection"] == "close"
+    time.sleep(0.3)
+    assert runs_with_prompt(server, f"smuggled {case}") == []
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(ui: Any) -> None:
+    from featurewatch.ui.server import MAX_BODY
+
+    server, _ = ui
+    inner = smuggled(server, "smuggled 413")
+    # announced as over the limit, followed by a whole request: 413, connection closed, the request never read
+    got = responses(raw(server, request(server, "POST", "/api/runs", inner, length=MAX_BODY + 1)))
+    assert [g[0] for g in got] == [413] and "at most" in json.loads(got[0][2])["error"]
+    got = responses(raw(server, request(server, "POST", "/api/runs", inner, length="99999999999999999999")))
+    assert [g[0] for g in got] == [413]
+    time.sleep(0.3)
+    assert runs_with_prompt(server, "smuggled 413") == []
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3", "0x10", "-0"])
+def test_a_content_length_that_is_not_a_byte_count_is_a_400_and_nothing_more_is_read(ui: Any, length: str) -> None:
+    """The issue: with Content-Length -1 the server read until the client closed (300 MB: RSS 228 → 830 MB)."""
+    server, _ = ui
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request(server, "POST", "/api/runs", b"", length=length))
+        sent, answer = 0, b""
+        chunk = b"x" * 65536
+        t0 = time.monotonic()
+        try:  # keep sending: a server that reads on would take it all; this one answers and hangs up
+            while sent < 64 << 20 and time.monotonic() - t0 < 10:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert sent < 64 << 20, "the server kept reading a body it had no length for"
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(ui: Any) -> None:
+    from featurewatch.ui.server import MAX_BODY
+
+    server, _ = ui
+    head = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        sent = 0
+        try:
+            while sent < 8 * MAX_BODY:
+                sock.sendall(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+                sent += 0x10000
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 8 * MAX_BODY
+
+
+@pytest.mark.parametrize("last_id", ["-1", "-1000000000000", "abc", "1.5", "99999999999999999999", "100000",
+                                     "\u00b2", "1_0"])
+def test_a_last_event_id_the_run_never_sent_is_a_400(ui: Any, last_id: str) -> None:
+    """The issue: a negative Last-Event-ID replayed a run's events; −1e12 streamed without end (69 MB in 5 s)."""
+    server, _ = ui
+    _, started = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 2})
+    events(server, started["run_id"])  # let it finish
+    t0 = time.monotonic()
+    data = raw(server, request(server, "GET", f"/api/runs/{started['run_id']}/events", headers={
+        "Last-Event-ID": last_id, "Content-Type": None, "Content-Length": None}))
+    got = responses(data)
+    assert [g[0] for g in got] == [400] and len(data) < 2000 and time.monotonic() - t0 < 5
+    assert "Last-Event-ID" in json.loads(got[0][2])["error"]
+
+
+def test_a_last_event_id_resumes_after_that_event(ui: Any) -> None:
+    server, _ = ui
+    _, started = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 3})
+    every = events(server, started["run_id"])
+    path = f"/api/runs/{started['run_id']}/events"
+    rest = raw(server, request(server, "GET", path, headers={"Last-Event-ID": "0", "Content-Type": None,
+                                                             "Content-Length": None}), timeout=5)
+    ids = [int(m) for m in re.findall(rb"^id: (\d+)$", rest, re.M)]
+    assert ids == list(range(1, len(every)))
+    last = str(len(every) - 1)
+    got = responses(raw(server, request(server, "GET", path, headers={"Last-Event-ID": last, "Content-Type": None,
+                                                                      "Content-Length": None})))
+    assert [g[0] for g in got] == [204]  # all delivered: EventSource stops reconnecting
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/api/runs", b'{"prompt": "hello \\ud800 there"}', "lone surrogate (\\ud800) in 'prompt'"),
+    ("/api/runs", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    ("/api/runs", b'{"prompt": "hi", "max_new_tokens": NaN}', "NaN is not a number JSON allows"),
+    ("/api/runs", b'{"prompt": "hi", "max_new_tokens": 1' + b"0" * 5000 + b"}", "more than 16 digits"),
+    ("/api/steer", b'{"prompt": "hi", "hookpoint": "layers.1", "feature": 1, "value": 1e309}', "not a finite double"),
+    ("/api/steer", b'{"prompt": "hi", "hookpoint": "layers.1", "feature": 1, "value": 1e308}', "-1000..1000"),
+    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": NaN}}\n'}).encode(), "line 1 has a bad"),
+    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": 1e999}}\n'}).encode(), "line 1 has a bad"),
+    ("/api/runs", b'\xff{"prompt": "hi"}', "not UTF-8"),
+])
+def test_input_that_used_to_be_a_500_is_a_400_naming_the_problem(ui: Any, path: str, body: bytes,
+                                                                  message: str) -> None:
+    server, _ = ui
+    got = responses(raw(server, request(server, "POST", path, body)))
+    assert [g[0] for g in got] == [400], got
+    answer = json.loads(got[0][2])
+    assert message in answer["error"] and answer["status"] == 400
+
+
+@pytest.mark.parametrize("method, path", [("PUT", "/api/runs"), ("DELETE", "/"), ("BREW", "/api/info"),
+                                          ("PATCH", "/api/runs/x/cancel"), ("GET", "/api/runs")])
+def test_an_unsupported_method_is_a_json_405(ui: Any, method: str, path: str) -> None:
+    server, _ = ui
+    got = responses(raw(server, request(server, method, path, b"{}")))
+    assert [g[0] for g in got] == [405]
+    status, headers, body = got[0]
+    assert headers["content-type"] == "application/json" and json.loads(body) == {
+        "error": json.loads(body)["error"], "status": 405}
+    assert f"{method} {path} is not allowed" in json.loads(body)["error"]
+
+
+def test_host_and_origin_are_checked_on_every_state_changing_request(ui: Any) -> None:
+    server, _ = ui
+    own = f"http://127.0.0.1:{server.port}"
+    for name in ("127.0.0.1", "localhost", "[::1]"):
+        assert call(server, "GET", "/api/info", headers={"Host": f"{name}:{server.port}"})[0] == 200
+    status, answer = call(server, "GET", "/api/info", headers={"Host": "evil.example"})
+    assert status == 403 and "DNS rebinding" in answer["error"]
+    body = {"prompt": "from elsewhere", "max_new_tokens": 1}
+    for headers in ({"Origin": "http://127.0.0.1:9"}, {"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"{own}.evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Host": "evil.example", "Origin": "http://evil.example"}):
+        status, answer = call(server, "POST", "/api/runs", body, headers=headers)
+        assert status == 403 and answer["status"] == 403, (headers, answer)
+    assert runs_with_prompt(server, "from elsewhere") == []
+    # its own page (same Origin, same-origin fetch) and a client without Origin (curl) are served
+    status, started = call(server, "POST", "/api/runs", body, headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})
+    assert status == 202
+    status, _ = call(server, "POST", f"/api/runs/{started['run_id']}/cancel", headers={"Origin": "http://evil.example"})
+    assert status == 403
+    assert call(server, "POST", f"/api/runs/{started['run_id']}/cancel")[0] == 200
+
+
+def test_a_token_guards_the_api_and_the_page_keeps_it_in_a_cookie(ui: Any) -> None:
+    from featurewatch.errors import ConfigError
+    from featurewatch.ui import serve_ui
+
+    _, monitor = ui
+    with pytest.raises(ConfigError, match="needs a token"):
+        serve_ui(monitor, host="0.0.0.0", port=0)
+    for bad in ("short", "has;a;semicolon-in-it", "plus+signs+in+the+token"):
+        with pytest.raises(ConfigError, match="at least 16 characters from"):
+            serve_ui(monitor, port=0, token=bad)
+    server = serve_ui(monitor, port=0, max_new_tokens=8, token=TOKEN, allowed_hosts=["fw.test"])
+    try:
+        status, answer = call(server, "GET", "/api/info")
+        assert status == 401 and "Authorization: Bearer" in answer["error"]
+        assert call(server, "GET", "/api/info", headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert call(server, "GET", "/api/info", headers=bearer)[0] == 200
+        assert call(server, "GET", "/api/info", headers={**bearer, "Host": f"fw.test:{server.port}"})[0] == 200
+        assert call(server, "GET", "/api/info", headers={**bearer, "Host": "evil.example"})[0] == 403
+        assert call(server, "POST", "/api/runs", {"prompt": "hi"})[0] == 401
+        # a page visit with ?token= sets an HttpOnly, SameSite=Strict cookie and drops the token from the address
+        got = responses(raw(server, request(server, "GET", f"/?token={TOKEN}", headers={
+            "Content-Type": None, "Content-Length": None, "Connection": "close"})))
+        assert got[0][0] == 303 and got[0][1]["location"] == "/"
+        cookie = got[0][1]["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        jar = {"Cookie": cookie.split(";")[0]}
+        assert call(server, "GET", "/api/info", headers=jar)[0] == 200
+        assert call(server, "GET", "/?token=wrong-token-0123456789")[0] == 401
+        assert call(server, "GET", "/")[0] == 200  # the page itself is not secret; it asks for the token
+    finally:
+        server.close()
+
+
+class Counter(BaseSink):
+    """Counts forward passes (and slows each a little, so a run is still going when the test acts)."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.n = 0
+        self.delay = delay
+
+    def on_forward(self, *, model_name: str, seconds: float, tokens: int) -> None:
+        self.n += 1
+        time.sleep(self.delay)
+
+
+@pytest.fixture
+def counter(ui: Any) -> Any:
+    _, monitor = ui
+    sink = Counter()
+    monitor.sinks.append(sink)
+    yield sink
+    monitor.sinks.remove(sink)
+
+
+def wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_cancel_stops_the_generation_within_a_decode_step(ui: Any, counter: Counter) -> None:
+    server, _ = ui
+    _, started = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 64})
+    run = server.app.run(started["run_id"])
+    wait_for(lambda: counter.n >= 3)
+    before, t0 = counter.n, time.monotonic()
+    status, answer = call(server, "POST", f"/api/runs/{run.id}/cancel")
+    after, took = counter.n, time.monotonic() - t0
+    assert status == 200 and answer == {"run_id": run.id, "done": True, "cancelled": True}
+    print(f"cancel: {after - before} forward pass(es) after it was asked for, answered in {took * 1000:.0f} ms "
+          f"(a step takes ≥ {counter.delay * 1000:.0f} ms here)")
+    assert after - before <= 2  # the step in flight (and at most one that started as the request came in)
+    time.sleep(0.3)
+    assert counter.n == after  # nothing more runs
+    done = run.events[-1]
+    assert done[0] == "done" and done[1]["cancelled"] is True
+    n_new = sum(run.session.rows[0].completion)
+    assert n_new < 10
+    # its slot is free at once: a new run starts (not a 429)
+    status, again = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 2})
+    assert status == 202
+    events(server, again["run_id"])
+    status, answer = call(server, "POST", f"/api/runs/{again['run_id']}/cancel")
+    assert status == 200 and answer["cancelled"] is False  # it had ended on its own
+    assert call(server, "POST", "/api/runs/nope/cancel")[0] == 404
+
+
+def test_a_busy_server_says_so_with_a_429(ui: Any, counter: Counter) -> None:
+    server, _ = ui
+    ids = [call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 64})[1]["run_id"] for _ in range(2)]
+    status, answer = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 4})
+    assert status == 429 and "busy" in answer["error"] and answer["status"] == 429
+    for run_id in ids:
+        call(server, "POST", f"/api/runs/{run_id}/cancel")
+    status, started = call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 1})
+    assert status == 202
+    events(server, started["run_id"])
+
+
 def test_two_concurrent_runs_see_only_their_own_tokens(ui: Any) -> None:
     server, monitor = ui
     slow = Slow()
@@ -241,18 +561,121 @@ def test_two_concurrent_runs_see_only_their_own_tokens(ui: Any) -> None:
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], "the two runs did not overlap"
 
 
-def test_ui_command_needs_allow_remote_for_a_public_host(tiny_lm_dir: Path, ui_pack: Path, capsys: Any,
-                                                         monkeypatch: Any) -> None:
+def test_ui_command_needs_allow_remote_and_a_token_for_a_public_host(tiny_lm_dir: Path, ui_pack: Path, capsys: Any,
+                                                                      monkeypatch: Any) -> None:
     from featurewatch.cli import main
     from featurewatch.ui.server import UIServer
 
-    assert main(["ui", "--host", "0.0.0.0", "--model", str(tiny_lm_dir), "--pack", str(ui_pack)]) == 2
+    monkeypatch.delenv("FEATUREWATCH_UI_TOKEN", raising=False)
+    model = ["--model", str(tiny_lm_dir), "--pack", str(ui_pack)]
+    assert main(["ui", "--host", "0.0.0.0", *model]) == 2
     assert "--allow-remote" in capsys.readouterr().err
+    # --allow-remote without a token: a clear startup error (the issue: no authentication at all)
+    assert main(["ui", "--host", "0.0.0.0", "--port", "0", "--allow-remote", *model]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-remote needs a token" in err and "--token" in err and "FEATUREWATCH_UI_TOKEN" in err
+    assert main(["ui", "--host", "0.0.0.0", "--port", "0", "--allow-remote", "--token", "short", *model]) == 2
+    assert "at least 16" in capsys.readouterr().err
     monkeypatch.setattr(UIServer, "serve_forever", lambda self, *a, **k: None)  # start, then return at once
-    assert main(["ui", "--host", "0.0.0.0", "--port", "0", "--allow-remote", "--model", str(tiny_lm_dir),
-                 "--pack", str(ui_pack)]) == 0
+    assert main(["ui", "--host", "0.0.0.0", "--port", "0", "--allow-remote", "--token", TOKEN, *model]) == 0
     err = capsys.readouterr().err
     assert "warning: serving on 0.0.0.0, not loopback" in err and "featurewatch ui: serving http://0.0.0.0:" in err
+    assert TOKEN not in err  # the secret is not printed
+    monkeypatch.setenv("FEATUREWATCH_UI_TOKEN", TOKEN)  # the environment instead of the flag
+    assert main(["ui", "--host", "0.0.0.0", "--port", "0", "--allow-remote", *model]) == 0
+
+
+def test_ui_on_a_busy_port_fails_before_the_model_loads(tiny_lm_dir: Path, ui_pack: Path, capsys: Any,
+                                                        monkeypatch: Any) -> None:
+    import featurewatch.cli.ui as ui_cli
+    from featurewatch.cli import main
+
+    loaded = []
+    monkeypatch.setattr(ui_cli, "build_monitor", lambda *a, **k: loaded.append(1))  # a record, not a stand-in
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["ui", "--port", str(port), "--model", str(tiny_lm_dir), "--pack", str(ui_pack)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert loaded == [] and time.monotonic() - t0 < 5
+
+
+def test_ui_without_the_extra_names_the_install(tiny_lm_dir: Path, capsys: Any, monkeypatch: Any) -> None:
+    from featurewatch.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the `ui` extra were not installed
+    monkeypatch.delitem(sys.modules, "featurewatch.ui.server")
+    assert main(["ui", "--port", "0", "--model", str(tiny_lm_dir)]) == 2
+    assert "pip install 'featurewatch[ui]'" in capsys.readouterr().err
+
+
+def readme_block(marker: str) -> str:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    return next(b for b in blocks if marker in b)
+
+
+def start_cli(script: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], Any, list[str]]:
+    """Run a shell script that ends in `featurewatch ui`; wait for its "serving" line."""
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        found = re.search(r"serving http://[^ ]+:(\d+)/", line)
+        if found:
+            port = int(found.group(1))
+            return proc, type("Served", (), {"url": f"http://127.0.0.1:{port}/", "port": port}), lines
+    proc.wait(30)
+    raise AssertionError("featurewatch ui did not start:\n" + "".join(lines))
+
+
+def stop_cli(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    return err
+
+
+def test_the_readme_remote_commands_run_as_shown(tiny_lm_dir: Path, ui_pack: Path) -> None:
+    """The README's remote block, run by bash as written (plus --port 0 and the tests' tiny model), then with
+    --token on the command line."""
+    exe = str(Path(sys.executable).parent / "featurewatch")
+    extra = f" --port 0 --model {tiny_lm_dir} --pack {ui_pack}"
+    lines = [line for line in readme_block("--allow-remote").splitlines() if line.strip()]
+    assert any(".venv/bin/featurewatch ui" in line for line in lines)
+    script = "\n".join(f"exec {line.replace('.venv/bin/featurewatch', exe)}{extra}"
+                       if ".venv/bin/featurewatch" in line else line for line in lines)
+    env = {k: v for k, v in os.environ.items() if k != "FEATUREWATCH_UI_TOKEN"}
+    proc, served, _ = start_cli(script, env)
+    try:
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().decode().split("\0")
+        token = next(kv.split("=", 1)[1] for kv in environ if kv.startswith("FEATUREWATCH_UI_TOKEN="))
+        assert len(token) >= 16
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert call(served, "GET", "/api/info")[0] == 401
+        assert call(served, "GET", "/api/info", headers=bearer)[0] == 200
+        assert call(served, "GET", "/api/info", headers={**bearer, "Host": f"myhost.lan:{served.port}"})[0] == 200
+        assert call(served, "GET", "/api/info", headers={**bearer, "Host": "evil.example"})[0] == 403
+        status, started = call(served, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 2}, headers=bearer)
+        assert status == 202
+        assert call(served, "POST", f"/api/runs/{started['run_id']}/cancel", headers=bearer)[0] == 200
+    finally:
+        err = stop_cli(proc)
+    assert token not in err and "featurewatch: interrupted" in err
+    # `--token "$FEATUREWATCH_UI_TOKEN"` on the command line does the same
+    # (a shell variable, not exported: the server gets the token from the flag alone)
+    proc, served, _ = start_cli(f'FEATUREWATCH_UI_TOKEN={TOKEN}\nexec {exe} ui --host 0.0.0.0 --allow-remote '
+                                f'--allowed-host myhost.lan --token "$FEATUREWATCH_UI_TOKEN"{extra}', env)
+    try:
+        assert "FEATUREWATCH_UI_TOKEN" not in Path(f"/proc/{proc.pid}/environ").read_text()
+        assert call(served, "GET", "/api/info")[0] == 401
+        assert call(served, "GET", "/api/info", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        stop_cli(proc)
 
 
 def test_score_token_scores_feed_the_offline_page(ui: Any, tiny_lm_dir: Path, ui_pack: Path, tmp_path: Path) -> None:
@@ -428,3 +851,168 @@ def test_the_offline_page_shades_a_dropped_score_file(ui: Any, browser: Driver, 
                            "return t.length === 2 && t.map(e => getComputedStyle(e).backgroundColor)")
     hot, cold = rgb(colours[0]), rgb(colours[1])
     assert hot[0] > hot[2] and cold[2] > cold[0]
+
+
+# --------------------------------------------------------------------------- the page's rules, in the browser
+class OtherOrigin:
+    """Pages on another local origin (another port of 127.0.0.1), served by the same real stack."""
+
+    def __init__(self, pages: dict[str, str]) -> None:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import HTMLResponse
+        from starlette.routing import Route
+
+        from featurewatch.ui.server import bind_socket
+
+        def page(html: str) -> Any:
+            async def endpoint(request: Any) -> HTMLResponse:
+                return HTMLResponse(html)
+            return endpoint
+
+        self.socket = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/"
+        app = Starlette(routes=[Route(f"/{name}", page(html)) for name, html in pages.items()])
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.socket.close()
+
+
+def test_pages_on_another_origin_cannot_start_a_run(ui: Any, browser: Driver, monkeypatch: Any) -> None:
+    """The issue: a page on another local origin started a generation with a plain form or a no-cors fetch
+    (the server log showed 415 then 202: the refused request's body was read as a second request)."""
+    server, _ = ui
+    target = f"{server.url}api/runs"
+    inner_body = json.dumps({"prompt": "smuggled from a page", "max_new_tokens": 1})
+    inner = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(inner_body)}\r\n\r\n{inner_body}")
+    form = (f'<form id="f" method="POST" action="{target}" enctype="text/plain">'
+            '<input name=\'{"prompt": "form attack", "max_new_tokens": 1, "x": "\' value=\'"}\'></form>'
+            '<script>document.getElementById("f").submit()</script>')
+    smuggling_form = (f'<form id="f" method="POST" action="{target}" enctype="text/plain">'
+                      f'<textarea name="x">{json.dumps(inner)[1:-1]}</textarea></form>'
+                      '<script>const t = document.querySelector("textarea");'
+                      't.value = JSON.parse(\'"\' + t.value + \'"\'); document.getElementById("f").submit()</script>')
+    fetches = f"""<script>
+        const inner = {json.dumps(inner)};
+        Promise.allSettled([
+          fetch({json.dumps(target)}, {{method: "POST", mode: "no-cors", body: "\\r\\n" + inner}}),
+          fetch({json.dumps(target)}, {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+                body: JSON.stringify({{prompt: "no-cors attack", max_new_tokens: 1}})}}),
+          fetch({json.dumps(target)}, {{method: "POST", headers: {{"Content-Type": "application/json"}},
+                body: JSON.stringify({{prompt: "cors attack", max_new_tokens: 1}})}}),
+        ]).then((r) => {{ document.title = "sent " + r.map((x) => x.status).join(","); }});
+        </script>"""
+    refused: list[tuple[str, str, int]] = []
+    guard = server.asgi
+    real = guard.refusal
+
+    def recording(scope: Any) -> Any:  # the real check, with a record of what it refused
+        answer = real(scope)
+        if answer is not None:
+            refused.append((scope["method"], scope["path"], answer.status_code))
+        return answer
+
+    monkeypatch.setattr(guard, "refusal", recording)
+    other = OtherOrigin({"form": form, "smuggle": smuggling_form, "fetch": fetches})
+    before = len(server.app.runs)
+    try:
+        for name in ("form", "smuggle"):
+            browser.get(other.url + name)
+            text = browser.wait("return location.href.startsWith(arguments[0]) && document.body.innerText",
+                                server.url, timeout=30)
+            assert "another origin" in text and "403" in text  # the form landed on the refusal
+        browser.get(other.url + "fetch")
+        title = browser.wait("return document.title.startsWith('sent') && document.title", timeout=30)
+        assert title.endswith(",rejected"), title  # the CORS one fails its preflight (OPTIONS: 405, no CORS headers)
+        time.sleep(0.5)
+    finally:
+        other.close()
+    assert len(server.app.runs) == before
+    for prompt in ("form attack", "smuggled from a page", "no-cors attack", "cors attack"):
+        assert runs_with_prompt(server, prompt) == []
+    assert refused.count(("POST", "/api/runs", 403)) >= 4, refused  # two forms, two no-cors fetches
+
+
+def test_generate_again_cancels_the_running_generation(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, monitor = ui
+    open_page(browser, server.url)
+    first = generate_in_page(browser, PROMPT, 64)
+    browser.wait("return document.querySelectorAll('#tokens .tok.completion').length >= 2", timeout=30)
+    assert browser.js("return !document.getElementById('stop').hidden")
+    second = generate_in_page(browser, "Explain how rivers form in the hills", 4)
+    second = browser.wait("return document.body.dataset.runId !== arguments[0] && document.body.dataset.runId",
+                          first, timeout=30)
+    browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+    old = server.app.run(first)
+    assert old.done and old.cancelled and sum(old.session.rows[0].completion) < 32
+    texts = browser.js("return [...document.querySelectorAll('#tokens .tok:not(.unread)')].map(e => e.textContent)")
+    assert texts == own_tokens(monitor, server.app.run(second).session)
+    assert browser.js("return document.getElementById('stop').hidden")
+
+
+def test_the_stop_button_ends_the_run(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, _ = ui
+    open_page(browser, server.url)
+    run_id = generate_in_page(browser, PROMPT, 64)
+    browser.wait("return document.querySelectorAll('#tokens .tok.completion').length >= 2", timeout=30)
+    browser.click("#stop")
+    browser.wait("return document.body.dataset.runState === 'stopped'", timeout=30)
+    assert server.app.run(run_id).cancelled
+    assert browser.js("return document.getElementById('status').textContent").startswith("stopped:")
+
+
+def test_a_busy_server_says_so_and_the_page_recovers(ui: Any, browser: Driver, counter: Counter) -> None:
+    server, _ = ui
+    open_page(browser, server.url)
+    busy = [call(server, "POST", "/api/runs", {"prompt": PROMPT, "max_new_tokens": 64})[1]["run_id"]
+            for _ in range(2)]
+    browser.type("#prompt", PROMPT)
+    browser.type("#max-new-tokens", "4")
+    browser.click("#generate")
+    message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+    assert "busy" in message and browser.js("return document.body.dataset.runState") == "busy"
+    assert not browser.js("return document.getElementById('generate').disabled")
+    for run_id in busy:
+        call(server, "POST", f"/api/runs/{run_id}/cancel")
+    browser.click("#generate")
+    browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+    assert browser.js("return document.getElementById('error').hidden")
+
+
+@pytest.mark.parametrize("path", ["feature/%E0%A4%A/1", "detector/%ZZ", "feature/%"])
+def test_a_malformed_percent_in_the_address_shows_a_message(ui: Any, browser: Driver, path: str) -> None:
+    server, _ = ui
+    open_page(browser, server.url + path)  # the page reaches "ready" instead of stopping blank
+    message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+    assert "not valid" in message and "%-escape" in message
+    assert browser.js("return !document.getElementById('view-live').hidden")
+    browser.get(server.url + "%")  # not a page at all: the server's 404 says so
+    assert "no page /%" in browser.js("return document.body.innerText")
+
+
+def test_the_page_behind_a_token_asks_for_it_then_works_from_its_cookie(ui: Any, browser: Driver) -> None:
+    from featurewatch.ui import serve_ui
+
+    _, monitor = ui
+    server = serve_ui(monitor, port=0, max_new_tokens=8, token=TOKEN)
+    try:
+        open_page(browser, server.url)  # no token yet: the page says what to do
+        message = browser.wait("const e = document.getElementById('error'); return !e.hidden && e.textContent")
+        assert "needs its token" in message and "?token=" in message
+        open_page(browser, f"{server.url}?token={TOKEN}")  # the cookie, then the address without the token
+        assert browser.js("return location.href") == server.url
+        assert browser.js("return document.getElementById('error').hidden")
+        run_id = generate_in_page(browser, PROMPT, 4)  # fetch and EventSource carry the cookie
+        browser.wait("return document.body.dataset.runState === 'done'", timeout=60)
+        assert server.app.run(run_id).done
+        assert "featurewatch_token" not in browser.js("return document.cookie")  # HttpOnly
+    finally:
+        browser.cmd("DELETE", "/cookie")
+        server.close()

@@ -87,18 +87,33 @@ def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task,
                  np.array([wrapper_family(rows.wrappers[i]) for i in task.index]))
 
 
-def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, label_phase: str | None = None
-                  ) -> list[dict[str, Any]]:
+def group_of(record: Any, group_by: str | None) -> str:
+    """The cell a record is reported in: its ``group`` (else ``source``) field, or with ``group_by`` that
+    field's value — a negative of the multi-source data also by its kind (``spamassassin/hard_neg``)."""
+    extra = record.extra
+    if group_by is None:
+        return str(extra.get("group", extra.get("source", "")))
+    value = str(extra.get(group_by, ""))
+    kind = extra.get("group")
+    return f"{value}/{kind}" if kind in ("neg", "hard_neg") else value
+
+
+def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, label_phase: str | None = None,
+                  group_by: str | None = None) -> list[dict[str, Any]]:
     """The same table from the runtime's own results (``Monitor.score_records``): its scores and its alerts.
 
     A record's label counts in the phase that holds its content (from its ``wrapper`` tag, or
-    ``label_phase``); its other phases are negatives. ``records`` need ``label`` and ``group``/``source``.
+    ``label_phase``); its other phases are negatives. ``records`` need ``label`` and ``group``/``source``
+    (or the ``group_by`` field). A ``wrapper`` field that is not one of ours (the shared data's
+    ``original``/``neutral``) says nothing about the phase: the record's shape does.
     """
-    from .wrappers import phase_of_content
+    from .wrappers import WRAPPERS, phase_of_content
 
     score, fire, y, phase, group, family = [], [], [], [], [], []
     for rec, run in zip(records, runs):
-        tag = str(rec.extra.get("wrapper") or native_tag(rec))
+        tag = str(rec.extra.get("wrapper") or "")
+        if wrapper_family(tag) not in WRAPPERS:
+            tag = native_tag(rec)
         own = label_phase or phase_of_content(tag)
         for ph, by_detector in run.phase_scores.items():  # {phase: {detector: pooled score}}
             value = by_detector.get(spec["name"])
@@ -108,7 +123,7 @@ def evaluate_runs(spec: dict[str, Any], records: list[Any], runs: list[Any], *, 
             fire.append(any(a.detector == spec["name"] and a.phase == ph for a in run.alerts))
             y.append(int(rec.extra["label"]) if ph == own else 0)
             phase.append(ph)
-            group.append(str(rec.extra.get("group", rec.extra.get("source", ""))))
+            group.append(group_of(rec, group_by))
             family.append(wrapper_family(tag))
     return table(spec, np.array(score), np.array(fire, dtype=bool), np.array(y), np.array(phase),
                  np.array(group), np.array(family))
@@ -166,7 +181,7 @@ def explain(spec: dict[str, Any], features_info: dict[int, dict[str, Any]], X_po
     largest activation in the pack's feature statistics (``"max_activation"``: what the
     feature can add to a score); None when neither is known. Rows are sorted by share.
     """
-    feats = spec.get("features", [])
+    feats = spec.get("features") or spec.get("evidence_features") or []
     w = np.array([f["weight"] for f in feats])
     shares = None
     mean_pos = None
@@ -192,5 +207,7 @@ def explain(spec: dict[str, Any], features_info: dict[int, dict[str, Any]], X_po
     return {"detector": spec["name"], "kind": spec.get("kind", "sae"), "bias": spec.get("bias", 0.0),
             "threshold": spec["threshold"], "phase_thresholds": spec.get("phase_thresholds"),
             "pooling": spec.get("pooling"), "hysteresis": spec.get("hysteresis", 0.0), "features": rows,
+            "explains": "evidence" if spec.get("kind") == "probe" and feats else "score",
+            "out_of_source": (spec.get("calibration") or {}).get("out_of_source"),
             "share_basis": basis,
             "largest_share": rows[0]["share"] if rows and rows[0]["share"] is not None else None}

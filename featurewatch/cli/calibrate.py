@@ -50,7 +50,10 @@ def register(sub: Any) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--phase", choices=PHASE_CHOICES, default="all", help="phase whose tokens are pooled for fitting")
     p.add_argument("--watch", default=None, help="phases the detector watches, comma-separated (default: --phase)")
-    p.add_argument("--kind", choices=["sae", "probe", "both"], default="both")
+    p.add_argument("--kind", choices=["sae", "probe", "both", "mean-diff", "auto"], default=None,
+                   help="sae readout, dense probe, or both (default); with --group-by also mean-diff (difference "
+                        "of source-balanced class means) and auto (default there): every kind is measured "
+                        "leaving one group out and the best worst-group AUROC ships (the SAE readout within 0.02)")
     p.add_argument("--max-features", type=int_range(1, MAX_SAE_FEATURES), default=64,
                    help=f"features in the SAE readout (1 … {MAX_SAE_FEATURES}, the spec's limit)")
     p.add_argument("--target-fpr", type=float_range(0, 1, lo_open=True, hi_open=True), default=0.01,
@@ -62,6 +65,30 @@ def register(sub: Any) -> None:
     p.add_argument("--weight", action="append", default=[], metavar="FILE=W",
                    help="relative weight of an input file (default 1; each file is class-balanced)")
     p.add_argument("--out", help="pack directory to write the specs into (default: the --pack)")
+    p.add_argument("--group-by", metavar="FIELD",
+                   help="leave-one-group-out calibration over this record field (e.g. source): feature selection, "
+                        "weights and thresholds come from scores of whole groups the fit did not see, and the "
+                        "report gives each left-out group's AUROC, recall and FPR")
+    p.add_argument("--negatives", action="append", default=[], metavar="FILE",
+                   help="with --group-by: a benign pool (ordinary chats, other concepts' data); every record is a "
+                        "negative whatever its label, in every phase it has (repeatable)")
+    p.add_argument("--wrap", action="append", default=[], metavar="FILE=W[,W]",
+                   help="with --group-by: put each document of FILE in one of these wrappers (plain, quoted, "
+                        "request, reply; chosen by hash of its id); with reply, a chat's last reply also goes "
+                        "behind a neutral user turn")
+    p.add_argument("--max-per-group", action="append", default=[], metavar="[FILE=]N",
+                   help="with --group-by: at most N records per (group, kind, label, wrapper) cell, by hash of id; "
+                        "FILE=N for one file (repeatable)")
+    p.add_argument("--max-chars", action="append", default=[], metavar="[FILE=]N",
+                   help="with --group-by: judged contents cut near N characters (at a word boundary); FILE=N for "
+                        "one file (repeatable)")
+    p.add_argument("--prior-tokens", type=float_range(0), default=4.0,
+                   help="with --group-by: weight (in tokens) of the prior the mean score is shrunk toward")
+    p.add_argument("--threshold-on", default="neg,pool", metavar="KINDS",
+                   help="with --group-by: negatives the per-phase thresholds are set on, of neg (a labelled file's "
+                        "ordinary negatives), pool (--negatives files), hard_neg (look-alikes); default neg,pool — "
+                        "hard negatives are then reported per group, not thresholded on")
+    p.add_argument("--report", metavar="OUT.json", help="with --group-by: write the whole report as JSON")
     _common(p, detectors=False)
     p.set_defaults(func=cmd_calibrate)
 
@@ -73,6 +100,10 @@ def register(sub: Any) -> None:
                    help="which hash split of the records to use (held-out = never used by calibrate)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="records per forward pass (>= 1)")
     p.add_argument("--detail", action="store_true", help="every (source, wrapper) cell, not only the margins")
+    p.add_argument("--group-by", metavar="FIELD",
+                   help="report per value of this record field (e.g. source; negatives of the multi-source data "
+                        "also per kind), and say where a group's AUROC is more than 0.05 from the AUROC the "
+                        "detector was calibrated with")
     _common(p, detectors=True)
     p.set_defaults(func=cmd_eval)
 
@@ -169,6 +200,18 @@ def _watch(args: argparse.Namespace) -> list[str]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import re
+
+    if args.group_by:
+        from .calibrate_grouped import cmd_calibrate_grouped
+
+        return cmd_calibrate_grouped(args)
+    grouped_only = [o for o, v in (("--negatives", args.negatives), ("--wrap", args.wrap),
+                                   ("--max-per-group", args.max_per_group), ("--max-chars", args.max_chars),
+                                   ("--report", args.report)) if v]
+    if grouped_only or args.kind in ("mean-diff", "auto"):
+        raise CLIError(f"{', '.join(grouped_only) or '--kind ' + args.kind}: needs --group-by FIELD "
+                       "(leave-one-source-out calibration), e.g. --group-by source")
+    args.kind = args.kind or "both"
 
     from ..calibration.data import HELD_OUT, split_mask
     from ..calibration.fit import file_weights, fit_detector, measure
@@ -303,24 +346,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 if owners is None or spec.name in owners or r.extra.get("label") == 0:
                     recs.append(r)
                     runs.append(run)
-        own = evaluate_runs(spec.model_dump(), recs, runs)
+        own = evaluate_runs(spec.model_dump(), recs, runs, group_by=args.group_by)
         probe = {}
         if f"{spec.name}-probe" in probes:
             probe_spec = pack.detectors[f"{spec.name}-probe"].model_dump()
-            probe = {(c["phase"], c["group"], c["wrapper"]): c for c in evaluate_runs(probe_spec, recs, runs)}
+            probe = {(c["phase"], c["group"], c["wrapper"]): c
+                     for c in evaluate_runs(probe_spec, recs, runs, group_by=args.group_by)}
         for cell in own:
             p = probe.get((cell["phase"], cell["group"], cell["wrapper"]), {})
             rows.append({"detector": spec.name, **cell, "probe_auroc": p.get("auroc")})
     if not args.detail:
         rows = [c for c in rows if c["group"] == "(all)" or c["wrapper"] == "(all)"]
+    warnings = _calibration_gaps(rows, {s.name: s for s in specs}) if args.group_by else []
     if args.json:
-        print(json.dumps({"split": args.split, "rows": rows}))
+        print(json.dumps({"split": args.split, "group_by": args.group_by, "rows": rows, "warnings": warnings}))
         return 0
     print(table([[r["detector"], r["phase"], r["group"], r["wrapper"], r["n_pos"], r["n_neg"], r["auroc"],
                   r["recall"], r["fpr"], r["threshold"], r["probe_auroc"]] for r in rows],
-                ["detector", "phase", "source", "wrapper", "pos", "neg", "AUROC", "rec@thr", "FPR@thr",
-                 "threshold", "probe AUROC"]))
+                ["detector", "phase", args.group_by or "source", "wrapper", "pos", "neg", "AUROC", "rec@thr",
+                 "FPR@thr", "threshold", "probe AUROC"]))
+    for w in warnings:
+        print(f"warning: {w}")
     return 0
+
+
+GAP = 0.05
+
+
+def _calibration_gaps(rows: list[dict[str, Any]], specs: dict[str, Any]) -> list[str]:
+    """Groups whose AUROC is more than ``GAP`` from the AUROC the detector was calibrated with, said plainly."""
+    out = []
+    for r in rows:
+        spec = specs.get(r["detector"])
+        cal = spec.calibration if spec is not None else None
+        if cal is None or r["auroc"] is None or r["group"] == "(all)" or r["wrapper"] != "(all)":
+            continue
+        oos = cal.out_of_source
+        ref, what = (oos.in_split_auroc, "in-split") if oos and oos.in_split_auroc is not None else (cal.auroc, "")
+        if ref is None or abs(r["auroc"] - ref) <= GAP:
+            continue
+        out.append(f"{r['detector']} ({r['phase']}) on {r['group']}: AUROC {r['auroc']:.3f}, "
+                   f"{'below' if r['auroc'] < ref else 'above'} the {what + ' ' if what else ''}AUROC it was "
+                   f"calibrated with ({ref:.3f}) by more than {GAP}")
+    return out
 
 
 # --------------------------------------------------------------------------- explain
@@ -351,9 +419,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"  score per token = {spec.bias:.3f} + Σ wᵢ·aᵢ, mean over each watched phase's content tokens, "
           f"shrunk toward {spec.pooling.prior_score} by {spec.pooling.prior_tokens:g} tokens")
     print(f"  fires at: {phases}; needs {spec.pooling.min_tokens} tokens; re-arms {spec.hysteresis:.3f} below")
-    if spec.kind == "probe":
+    _print_out_of_source(spec)
+    if spec.kind == "probe" and not spec.evidence_features:
         print("  a dense probe over the raw residual: no features to list")
         return 0
+    if spec.kind == "probe":
+        print(f"  a dense probe over the raw residual, explained in SAE features: score = Σ aᵢ·(w·dᵢ) + "
+              f"{spec.evidence_offset:+.3f} (w·b_dec) + w·error + bias; the features below are watched for "
+              "evidence, and an alert also gives the part they leave unexplained")
     if out["share_basis"] == "max_activation":
         print("  share = |wᵢ · max activationᵢ| / Σ: what each feature can add to the score at its largest")
     elif out["share_basis"] is None:
@@ -385,6 +458,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if spec.calibration and spec.calibration.notes:
         print(f"  calibration: {spec.calibration.notes}")
     return 0
+
+
+def _print_out_of_source(spec: Any) -> None:
+    """The calibration's leave-one-source-out figures, if the spec has them."""
+    oos = spec.calibration.out_of_source if spec.calibration else None
+    if oos is None:
+        return
+    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"  out of source (leave-one-{oos.group_by}-out): AUROC {f(oos.auroc)}, worst group {f(oos.worst_auroc)} "
+          f"({oos.worst_group}), recall {f(oos.recall)}, FPR {f(oos.fpr)}; in-split AUROC {f(oos.in_split_auroc)}")
+    print(f"  decision: {oos.decision} — {oos.reason}")
+    for g in oos.groups:
+        parts = [f"{k.replace('_', ' ')} {f(g[k])}" for k in ("auroc_pos", "auroc_neg", "recall", "fpr_neg",
+                                                             "fpr_hard_neg", "fpr_pool") if g.get(k) is not None]
+        print(f"    {g['group']:<28} " + ", ".join(parts))
 
 
 BETTER_MARGIN = 0.02

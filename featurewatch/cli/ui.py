@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -20,7 +21,14 @@ def register(sub: Any) -> None:
                    help="address to serve on (default 127.0.0.1; another address needs --allow-remote)")
     p.add_argument("--port", type=PORT, default=8765, help="port to serve on (0 = any free port)")
     p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --host: anyone who can reach it can run the model")
+                   help="allow a non-loopback --host; it needs a token (--token or $FEATUREWATCH_UI_TOKEN)")
+    p.add_argument("--token", default=None,
+                   help="a secret every API request must carry (Authorization: Bearer, or open the page once as "
+                        "/?token=...); at least 16 characters; default: $FEATUREWATCH_UI_TOKEN (safer: not shown "
+                        "by ps)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name clients reach this server by (repeatable); requests with any other Host "
+                        "header are refused (DNS rebinding). Loopback names and --host are always allowed")
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=256, help="the most tokens a page may ask for (>= 1)")
     add_model_args(p)
@@ -28,32 +36,43 @@ def register(sub: Any) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from ..ui.server import LOOPBACK, UIApp, UIServer
+    try:
+        from ..ui.server import LOOPBACK, TOKEN_ENV, UIApp, UIServer, allowed_host_names, bind_socket, check_token
+    except ModuleNotFoundError as exc:
+        raise CLIError(str(exc)) from None
 
+    token = check_token(args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None))
+    allowed = allowed_host_names(args.host, args.allowed_host)
     if args.host not in LOOPBACK:
         if not args.allow_remote:
             raise CLIError(f"--host {args.host} is not a loopback address: anyone who reaches it can run the model "
-                           "and read its alerts; add --allow-remote to serve it anyway")
-        print(f"featurewatch: warning: serving on {args.host}, not loopback: anyone who can reach it can run the "
-              "model (no authentication)", file=sys.stderr)
-    pack = load_pack_checked(args)
-    monitor = build_monitor(args, pack)
+                           "and read its alerts; add --allow-remote (with a token) to serve it anyway")
+        if token is None:
+            raise CLIError(f"--allow-remote needs a token: pass --token TOKEN or set {TOKEN_ENV} (at least 16 "
+                           "characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+        print(f"featurewatch: warning: serving on {args.host}, not loopback: whoever has the token can run the "
+              f"model; Host names answered: {', '.join(sorted(allowed))} (more with --allowed-host)", file=sys.stderr)
+    sock = bind_socket(args.host, args.port)  # a busy port fails now, before the model loads
     try:
+        pack = load_pack_checked(args)
+        monitor = build_monitor(args, pack)
         try:
-            server = UIServer(UIApp(monitor, max_new_tokens=args.max_new_tokens), args.host, args.port)
-        except OSError as exc:
-            raise CLIError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc}); "
-                           "choose another --port (0 = any free port)") from None
-        print(f"featurewatch ui: serving {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
-        if args.open:
-            import webbrowser
+            server = UIServer(UIApp(monitor, max_new_tokens=args.max_new_tokens), args.host, sock=sock, token=token,
+                              allowed_hosts=args.allowed_host)
+            print(f"featurewatch ui: serving {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            if token is not None:
+                print("featurewatch ui: open the page once as <address>/?token=<the token>; API clients send "
+                      "Authorization: Bearer <the token>", file=sys.stderr, flush=True)
+            if args.open:
+                import webbrowser
 
-            webbrowser.open(server.url)
-        try:
-            server.serve_forever()
+                webbrowser.open(server.url + (f"?token={token}" if token else ""))
+            try:
+                server.serve_forever()
+            finally:
+                server.app.close()
         finally:
-            server.server_close()
-            server.app.close()
+            monitor.detach()
     finally:
-        monitor.detach()
+        sock.close()
     return 0

@@ -12,39 +12,69 @@ Why it is built this way:
   run's event list; alerts arrive through an ``on_alert`` callback and are routed
   by run id. Nothing is recomputed for the page: it shows what the pools read.
 * A run's events are kept in a list (not a queue), so a page that reconnects
-  (``Last-Event-ID``) or subscribes late gets every event.
-* Bad input is a 4xx with ``{"error": "..."}`` naming the fix, never a traceback.
-  POSTs must be ``application/json`` (a cross-site form cannot send that without a
-  preflight), and requests whose ``Host`` is not the address served are refused
-  (DNS rebinding), so a page on another site cannot drive a local model.
+  (``Last-Event-ID``) or subscribes late gets every event. A run can be cancelled:
+  a stopping criterion next to ``block``'s ends it after the decode step in flight.
+* HTTP is a maintained stack: Starlette routes on uvicorn (its ``h11`` parser frames
+  every request, so a body is never read as a second request), and
+  ``sse-starlette`` streams the events. :class:`Guard`, the one middleware, holds the
+  page's rules: the ``Host`` must be a name of this server (DNS rebinding), a
+  state-changing request must come from the page's own origin (``Origin``,
+  ``Sec-Fetch-Site``), the token when there is one, and every error is JSON
+  ``{"error", "status"}`` sent with ``Connection: close``.
+* Bad input is a 4xx naming the problem, never a traceback: bodies are bounded
+  before they are read, JSON is parsed with non-finite numbers, lone surrogates and
+  deep nesting refused.
 
 The API is documented in docs/architecture.md ("The page's JSON API").
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import hmac
 import json
 import logging
 import math
+import re
+import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from pydantic import ValidationError
 
-from ..errors import ConfigError, FeatureWatchError, GenerationBlocked
+from ..errors import ConfigError, FeatureWatchError, GenerationBlocked, PortInUse
 from ..models import normalize_hookpoint
 from ..sinks import BaseSink
 
+EXTRA_HINT = "pip install 'featurewatch[ui]'"
+try:
+    import uvicorn
+    from sse_starlette import EventSourceResponse, ServerSentEvent
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import Headers, MutableHeaders
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import RedirectResponse, Response
+    from starlette.routing import Route
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as exc:  # the web stack is the `ui` extra
+    raise ModuleNotFoundError(f"the page's web server needs {exc.name!r}, which is not installed: {EXTRA_HINT}",
+                              name=exc.name) from exc
+
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..alert import Alert
     from ..monitor import Monitor
     from ..session import Session
@@ -52,20 +82,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::")
+TOKEN_ENV = "FEATUREWATCH_UI_TOKEN"  # the CLI reads the token from here when --token is not given
+MIN_TOKEN = 16  # characters; `python -c 'import secrets; print(secrets.token_urlsafe())'` gives 43
 MAX_BODY = 1 << 20  # 1 MiB for a prompt
 MAX_SCORES_BODY = 64 << 20  # a dropped score file
+MAX_DEPTH = 32  # JSON nesting of a request
+MAX_INT_DIGITS = 16  # integers in a request (ids, counts): beyond 2**53 nothing here is meaningful
+MAX_STEER = 1000.0  # |value| of a steer request (× the feature's max activation)
+CANCEL_WAIT = 30.0  # seconds a cancel waits for its run to end (one decode step in practice)
 TOP_FEATURES = 8  # strongest features kept per token for the inspector
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+_DIGITS = re.compile(r"[0-9]+")  # not str.isdigit(): it takes "²", which int() refuses
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")  # URL-unreserved: safe in ?token=, a header and a cookie
+_SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",  # a ?token= in the address never leaves in a Referer
+    "x-frame-options": "DENY",
+}
 
 
 class HTTPError(Exception):
     """An answer other than 200: a status and a message for the page."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def bad_request(message: str) -> HTTPError:
@@ -88,7 +134,125 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+# --------------------------------------------------------------------------- JSON in and out
+class _BadNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadNumber(f"{name} is not a number JSON allows; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text[:40]} is out of range (not a finite double); send a finite number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadNumber(f"the integer {text[:20]}… has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def check_json_value(value: Any, *, what: str = "the request") -> None:
+    """Refuse what a parser lets through but the model or the answer cannot take: nesting deeper than
+    :data:`MAX_DEPTH`, lone surrogates (``"\\ud800"``) in strings or keys, non-finite floats."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, str):
+            _check_text(item, where or "the body", what)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise bad_request(f"{what} has a non-finite number ({item}) at {where or 'the top'}; send a finite number")
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                _check_text(k, f"{where}.{k}" if where else "a key", what)
+                stack.append((v, f"{where}.{k}" if where else str(k), depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise bad_request(f"{what} has a lone surrogate (\\u{ord(bad):04x}) in {where!r} at character {exc.start}: "
+                          "send valid Unicode text") from None
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; 400 naming the problem otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise bad_request(f"the request is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except _BadNumber as exc:
+        raise bad_request(f"the request has a bad number: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError and int() limits
+        raise bad_request(f"the request is not valid JSON ({exc})") from None
+    check_json_value(body)
+    if not isinstance(body, dict):
+        raise bad_request("the request is a JSON object")
+    return body
+
+
+def _clean(value: Any) -> Any:
+    """Non-finite floats as ``null``: an answer is always valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def json_bytes(obj: Any) -> bytes:
+    text = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a decoder: escaped, still valid JSON
+        return json.dumps(_clean(obj), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_bytes(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Every error: ``{"error": message, "status": N}``; the connection closes after it, so a body the
+    server did not read is never parsed as another request."""
+    return json_response({"error": message, "status": status}, status, {**(headers or {}), "connection": "close"})
+
+
 # --------------------------------------------------------------------------- runs
+class _Cancelled:
+    """A stopping criterion for ``model.generate``, next to :class:`~featurewatch.generation.StopBlocked`:
+    once ``event`` is set, generation stops after the decode step in flight."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.fired = False
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        import torch
+
+        stop = self.event.is_set()
+        self.fired = self.fired or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Run:
     """One live generation: its events (kept for late or reconnecting readers) and what it ends with."""
@@ -104,33 +268,54 @@ class Run:
     session: Session | None = None
     readings: dict[str, list[Any]] | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # the cancel stopped the generation (it did not end on its own)
+    _waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
 
     def push(self, kind: str, data: dict[str, Any]) -> None:
         with self.cond:
             self.events.append((kind, data))
             self.cond.notify_all()
+        self.wake()
 
     def finish(self) -> None:
         with self.cond:
             self.done = True
             self.cond.notify_all()
+        self.wake()
 
-    def follow(self, start: int, *, poll: float = 15.0) -> Iterator[tuple[int, str, dict[str, Any]] | None]:
-        """Events from index ``start`` as they come; ``None`` after ``poll`` seconds without one (a keep-alive)."""
+    def wake(self) -> None:
+        """Wake the event streams waiting on this run (they run on the server's event loop)."""
+        with self.cond:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def follow(self, start: int, stop: Callable[[], bool] = lambda: False
+                     ) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
+        """Events from index ``start`` as they come, until the run is done (or ``stop()``)."""
+        loop = asyncio.get_running_loop()
         i = start
         while True:
+            waiter = (loop, asyncio.Event())
             with self.cond:
-                if i >= len(self.events) and not self.done:
-                    self.cond.wait(poll)
                 batch = self.events[i:]
                 done = self.done
-            for kind, data in batch:
-                yield i, kind, data
-                i += 1
-            if done and i >= len(self.events):
+                if not batch and not done:
+                    self._waiters.add(waiter)
+            if batch:
+                for kind, data in batch:
+                    yield i, kind, data
+                    i += 1
+                continue
+            if done or stop():
                 return
-            if not batch:
-                yield None
+            try:
+                await waiter[1].wait()
+            finally:
+                with self.cond:
+                    self._waiters.discard(waiter)
 
 
 class UIApp(BaseSink):
@@ -149,7 +334,12 @@ class UIApp(BaseSink):
         monitor.on_alert.append(self._on_alert)
 
     def close(self) -> None:
-        """Stop receiving the monitor's events (the monitor stays attached)."""
+        """Cancel the runs still generating and stop receiving the monitor's events (the monitor stays attached)."""
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            run.cancel.set()
+            run.wake()
         if self in self.monitor.sinks:
             self.monitor.sinks.remove(self)
         if self._on_alert in self.monitor.on_alert:
@@ -232,17 +422,19 @@ class UIApp(BaseSink):
         return run
 
     def _generate(self, run: Run, max_new_tokens: int) -> None:
+        stop = _Cancelled(run.cancel)
         try:
             try:
                 result = self.monitor.generate(run.prompt, chat=run.chat, max_new_tokens=max_new_tokens,
-                                               top_features=TOP_FEATURES, run_id=run.id)
+                                               top_features=TOP_FEATURES, run_id=run.id, stopping_criteria=[stop])
             except GenerationBlocked as blocked:
                 result = blocked.results[0]
             run.session = result.session
+            run.cancelled = stop.fired
             self._flush(run, result.session)
             done: dict[str, Any] = {"outcome": result.outcome, "degraded": result.degraded, "text": result.text,
                                     "scores": result.scores, "phase_scores": result.phase_scores,
-                                    "n_alerts": len(result.alerts)}
+                                    "n_alerts": len(result.alerts), "cancelled": run.cancelled}
             # the last generated token is never read by the model (generation ends before its forward pass)
             row = result.session.rows[0]
             unread = []
@@ -260,6 +452,14 @@ class UIApp(BaseSink):
         finally:
             self._slots.release()
             run.finish()
+
+    def cancel(self, run_id: str, *, wait: float = CANCEL_WAIT) -> dict[str, Any]:
+        """Stop a run's generation after the decode step in flight; answer once it has ended (its slot is free)."""
+        run = self.run(run_id)
+        run.cancel.set()
+        with run.cond:
+            run.cond.wait_for(lambda: run.done, timeout=wait)
+        return {"run_id": run.id, "done": run.done, "cancelled": run.cancelled}
 
     def _decode(self, token_id: int) -> str:
         tok = self.monitor.tokenizer
@@ -380,8 +580,9 @@ class UIApp(BaseSink):
         hookpoint = body.get("hookpoint")
         summary = self.feature(str(hookpoint), str(body.get("feature")))
         value = body.get("value")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad_request(f"'value' (the strength, × the feature's max activation) must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_STEER <= value <= MAX_STEER:
+            raise bad_request(f"'value' (the strength, × the feature's max activation) must be a number in "
+                              f"-{MAX_STEER:g}..{MAX_STEER:g}, got {value!r}")
         absolute = not summary["max_activation"]
         try:
             iv = Intervention(feature=summary["feature"], mode="clamp", value=float(value), hookpoint=hookpoint,
@@ -415,12 +616,24 @@ class UIApp(BaseSink):
             if not line.strip():
                 continue
             try:
-                rows.append(ScoreRow.model_validate_json(line).model_dump(mode="json"))
+                obj = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+            except _BadNumber as exc:
+                raise bad_request(f"line {i} has a bad number: {exc}; drop the output of `featurewatch score`"
+                                  ) from None
+            except (ValueError, RecursionError):
+                raise bad_request(f"line {i} is not JSON; drop the output of `featurewatch score`") from None
+            try:
+                check_json_value(obj, what=f"line {i}")
+            except HTTPError as exc:
+                raise bad_request(f"{exc.message}; drop the output of `featurewatch score`") from None
+            try:
+                row = ScoreRow.model_validate(obj).model_dump(mode="json")
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = ".".join(map(str, err["loc"])) or "the line"
                 raise bad_request(f"line {i} is not a featurewatch score line ({where}: {err['msg']}); drop the "
                                   "output of `featurewatch score`") from None
+            rows.append(row)
         if not rows:
             raise bad_request("the file has no score lines; drop the output of `featurewatch score`")
         detectors = sorted({d for r in rows for d in r["scores"]})
@@ -429,183 +642,336 @@ class UIApp(BaseSink):
         return {"rows": rows, "detectors": detectors, "thresholds": thresholds}
 
 
-# --------------------------------------------------------------------------- HTTP
-class _Handler(BaseHTTPRequestHandler):
-    server: UIServer
-    protocol_version = "HTTP/1.1"
+# --------------------------------------------------------------------------- HTTP: the rules
+def host_name(host_header: str) -> str:
+    """The name part of a ``Host`` header (``[::1]:8765`` → ``::1``, ``Example:80`` → ``example``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — the base class's name
-        logger.debug("%s " + format, self.address_string(), *args)
 
-    # ------------------------------------------------------------------ answers
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self'; img-src 'self' data:")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+def allowed_host_names(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The ``Host`` names a server bound to ``host`` answers to: the loopback names, ``host`` itself
+    (unless it is a wildcard like 0.0.0.0) and ``extra`` (``--allowed-host``)."""
+    names = set(LOOPBACK)
+    if host not in WILDCARD:
+        names.add(host.lower())
+    for name in extra:
+        name = name.strip().lower()
+        if not name or "/" in name or " " in name:
+            raise ConfigError(f"allowed host {name!r} is not a host name (e.g. myhost.lan or 192.168.1.5)")
+        names.add(host_name(name))
+    return frozenset(names)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False, allow_nan=False).encode(), "application/json")
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message, "status": status})
+def check_token(token: str | None) -> str | None:
+    """``token`` if it is usable (at least :data:`MIN_TOKEN` printable characters), else a :class:`ConfigError`."""
+    if token is None:
+        return None
+    if len(token) < MIN_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigError(f"the token must be at least {MIN_TOKEN} characters from A-Z a-z 0-9 . _ ~ - (it travels "
+                          "in an address, a header and a cookie); make one with: "
+                          "python -c 'import secrets; print(secrets.token_urlsafe())'")
+    return token
 
-    def _body(self, limit: int) -> Any:
-        if self.headers.get_content_type() != "application/json":
-            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required") from None
-        if length > limit:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is {length} bytes; at most {limit}")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_request(f"the request is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise bad_request("the request is a JSON object")
-        return body
 
-    def _host_ok(self) -> bool:
-        allowed = self.server.allowed_hosts
-        if allowed is None:
+class Guard:
+    """The page's rules, as one ASGI middleware in front of the routes.
+
+    * ``Host`` must be one of ``allowed_hosts`` (a DNS-rebinding page sends its own name): 403.
+    * A state-changing request (any method but GET/HEAD/OPTIONS) must come from this server's own
+      origin: an ``Origin`` other than ``http(s)://<Host>`` (or ``null``), or a ``Sec-Fetch-Site``
+      other than same-origin/none, is refused with 403 — a form or a ``no-cors`` fetch on another
+      page (another port included) cannot start a run.
+    * With a token, every ``/api/`` request carries it (``Authorization: Bearer``, or the cookie a
+      page visit with ``?token=`` sets): 401 otherwise.
+    * Every answer gets the security headers; every error closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: frozenset[str], token: str | None, cookie: str) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.token = token
+        self.cookie = cookie
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in _SECURITY_HEADERS.items():
+                    headers.setdefault(k, v)
+                headers.setdefault("cache-control", "no-store")
+                if message["status"] >= 400:
+                    headers["connection"] = "close"
+            await send(message)
+
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """The answer to a request the rules refuse, or None to let it through."""
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if host_name(host) not in self.allowed_hosts:
+            return error_response(HTTPStatus.FORBIDDEN, f"Host {host!r} is not a name of this server (a page on "
+                                  "another site resolving to it is refused: DNS rebinding); use "
+                                  f"{' or '.join(sorted(self.allowed_hosts))}, or start it with --allowed-host NAME")
+        method = scope["method"]
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin")
+            site = headers.get("sec-fetch-site")
+            if origin is not None:
+                parts = urlsplit(origin)
+                if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.strip().lower():
+                    return error_response(HTTPStatus.FORBIDDEN, f"a {method} from another origin ({origin}) is "
+                                          "refused: only this server's own page may change its state")
+            elif site is not None and site not in ("same-origin", "none"):
+                return error_response(HTTPStatus.FORBIDDEN, f"a {method} from another page ({site}) is refused: "
+                                      "only this server's own page may change its state")
+        if self.token is None:
+            return None
+        path = scope["path"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "token" in query and not path.startswith("/api/"):  # a page visit with ?token=: keep it in a cookie
+            if not self._same(query["token"][0]):
+                return error_response(HTTPStatus.UNAUTHORIZED, "wrong token in the address: use the token "
+                                      "`featurewatch ui` was started with")
+            redirect = RedirectResponse(quote(path), status_code=HTTPStatus.SEE_OTHER)
+            redirect.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
+            return redirect
+        if path.startswith("/api/") and not self._authorized(headers):
+            return error_response(HTTPStatus.UNAUTHORIZED, "this server needs its token: send Authorization: "
+                                  "Bearer <token>, or open the page once as /?token=<token>",
+                                  {"www-authenticate": 'Bearer realm="featurewatch"'})
+        return None
+
+    def _same(self, given: str) -> bool:
+        assert self.token is not None
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
+
+    def _authorized(self, headers: Headers) -> bool:
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and self._same(auth[7:].strip()):
             return True
-        host = (self.headers.get("Host") or "").strip().lower()
-        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
-        return name in allowed
+        for part in headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.cookie and self._same(value):
+                return True
+        return False
 
-    # ------------------------------------------------------------------ routes
-    def do_GET(self) -> None:  # noqa: N802 — the base class's name
-        self._dispatch("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._dispatch("GET")
+# --------------------------------------------------------------------------- HTTP: the routes
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object, read at most ``limit`` bytes (the ``Content-Length`` is checked first)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
+    length_text = request.headers.get("content-length")
+    if length_text is not None:  # the parser already refused one that is not a number
+        if not _DIGITS.fullmatch(length_text.strip()):
+            raise bad_request(f"Content-Length {length_text!r} is not a byte count")
+        if int(length_text) > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"the request is {int(length_text)} bytes; at most {limit}")
+    elif "chunked" not in request.headers.get("transfer-encoding", "").lower():
+        raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+    raw = bytearray()
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request is over {limit} bytes")
+    except ClientDisconnect:
+        raise bad_request("the client closed the connection before the whole body came") from None
+    return await run_in_threadpool(parse_json_body, bytes(raw))
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
 
-    def _dispatch(self, method: str) -> None:
-        try:
-            if not self._host_ok():
-                raise HTTPError(HTTPStatus.FORBIDDEN, "this server answers only to the address it serves")
-            path = urlsplit(self.path).path
-            parts = [unquote(p) for p in path.split("/") if p]
-            if parts[:1] == ["api"]:
-                self._api(method, parts[1:])
-            elif method == "GET":
-                self._static(parts)
-            else:
-                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path} is not allowed")
-        except HTTPError as exc:
-            self._error(exc.status, exc.message)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception:  # noqa: BLE001 — never a traceback on the page
-            logger.exception("featurewatch ui: %s %s failed", method, self.path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (details in the server's log)")
+def last_event_id(text: str | None, run: Run) -> int:
+    """The index to resume from: after ``Last-Event-ID`` (an id this run sent: 0 … events − 1), else 0."""
+    if text is None:
+        return 0
+    with run.cond:
+        n = len(run.events)
+    text = text.strip()
+    if not _DIGITS.fullmatch(text) or len(text) > 9 or int(text) >= n:
+        raise bad_request(f"Last-Event-ID {text[:40]!r} is not an event of run {run.id}: it has sent ids 0 … {n - 1}"
+                          if n else f"Last-Event-ID {text[:40]!r}: run {run.id} has sent no events yet")
+    return int(text) + 1
 
-    def _static(self, parts: list[str]) -> None:
-        if parts[:1] == ["static"] and len(parts) == 2:
-            data = static_file(parts[1])
-            if data is None:
-                raise not_found(f"no asset {parts[1]!r}")
-            suffix = "." + parts[1].rsplit(".", 1)[-1]
-            self._send(200, data, _STATIC_TYPES.get(suffix, "application/octet-stream"))
-            return
-        # the page's own routes: the app reads location.pathname
-        if not parts or parts[0] in ("feature", "detector", "scores"):
-            data = static_file("index.html")
-            assert data is not None
-            self._send(200, data, _STATIC_TYPES[".html"])
-            return
-        if parts == ["favicon.ico"]:
-            self._send(204, b"", "image/x-icon")
-            return
-        raise not_found(f"no page /{'/'.join(parts)}")
 
-    def _api(self, method: str, parts: list[str]) -> None:
-        app = self.server.app
-        route = (method, *parts[:1])
-        if route == ("GET", "info") and len(parts) == 1:
-            self._json(200, app.info())
-        elif route == ("POST", "runs") and len(parts) == 1:
-            run = app.start_run(self._body(MAX_BODY))
-            self._json(202, {"run_id": run.id, "events": f"/api/runs/{run.id}/events"})
-        elif route == ("GET", "runs") and len(parts) == 3 and parts[2] == "events":
-            self._events(app.run(parts[1]))
-        elif route == ("GET", "runs") and len(parts) == 4 and parts[2] == "tokens":
-            try:
-                position = int(parts[3])
-            except ValueError:
-                raise not_found(f"token position {parts[3]!r} is not an integer") from None
-            self._json(200, app.token(parts[1], position))
-        elif route == ("GET", "features") and len(parts) == 3:
-            self._json(200, app.feature(parts[1], parts[2]))
-        elif route == ("GET", "detectors") and len(parts) == 2:
-            self._json(200, app.detector(parts[1]))
-        elif route == ("POST", "steer") and len(parts) == 1:
-            self._json(200, app.steer(self._body(MAX_BODY)))
-        elif route == ("POST", "scores") and len(parts) == 1:
-            body = self._body(MAX_SCORES_BODY)
-            if not isinstance(body.get("text"), str):
-                raise bad_request("send {\"text\": the contents of a `featurewatch score` output file}")
-            self._json(200, app.scores(body["text"]))
+class Routes:
+    """The Starlette endpoints over one :class:`UIApp` (blocking work goes to the thread pool)."""
+
+    def __init__(self, app: UIApp) -> None:
+        self.app = app
+        self.closing = False
+
+    def starlette(self) -> Starlette:
+        page = self.page
+        routes = [
+            Route("/", page), Route("/scores", page),
+            *(Route(f"/{view}/{{rest:path}}", page) for view in ("feature", "detector", "scores")),
+            Route("/static/{name}", self.static), Route("/favicon.ico", self.favicon),
+            Route("/api/info", self.info),
+            Route("/api/runs", self.start_run, methods=["POST"]),
+            Route("/api/runs/{run_id}/events", self.events),
+            Route("/api/runs/{run_id}/tokens/{position}", self.token),
+            Route("/api/runs/{run_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/api/features/{hookpoint}/{feature}", self.feature),
+            Route("/api/detectors/{name}", self.detector),
+            Route("/api/steer", self.steer, methods=["POST"]),
+            Route("/api/scores", self.scores, methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPError: self.on_error,
+                                                            StarletteHTTPException: self.on_starlette_error,
+                                                            Exception: self.on_crash})
+
+    # ------------------------------------------------------------------ errors
+    async def on_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        return error_response(exc.status, exc.message, exc.headers)
+
+    async def on_starlette_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        method, path = request.method, request.url.path
+        if exc.status_code == HTTPStatus.NOT_FOUND:
+            message = (f"no API {method} {path}; see docs/architecture.md" if path.startswith("/api/")
+                       else f"no page {path}")
+        elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            allow = (exc.headers or {}).get("Allow", "")
+            message = f"{method} {path} is not allowed" + (f"; use {allow}" if allow else "")
         else:
-            raise not_found(f"no API {method} /api/{'/'.join(parts)}; see docs/architecture.md")
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, dict(exc.headers or {}))
 
-    def _events(self, run: Run) -> None:
+    async def on_crash(self, request: Request, exc: Exception) -> Response:
+        logger.error("featurewatch ui: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (details in the server's log)")
+
+    # ------------------------------------------------------------------ the page
+    async def page(self, request: Request) -> Response:
+        data = static_file("index.html")
+        assert data is not None
+        return Response(data, media_type=_STATIC_TYPES[".html"])
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        data = static_file(name)
+        if data is None:
+            raise not_found(f"no asset {name!r}")
+        suffix = "." + name.rsplit(".", 1)[-1]
+        return Response(data, media_type=_STATIC_TYPES.get(suffix, "application/octet-stream"))
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(status_code=HTTPStatus.NO_CONTENT)
+
+    # ------------------------------------------------------------------ the API
+    async def info(self, request: Request) -> Response:
+        return json_response(await run_in_threadpool(self.app.info))
+
+    async def start_run(self, request: Request) -> Response:
+        body = await read_json(request, MAX_BODY)
+        run = await run_in_threadpool(self.app.start_run, body)
+        return json_response({"run_id": run.id, "events": f"/api/runs/{run.id}/events"}, HTTPStatus.ACCEPTED)
+
+    async def events(self, request: Request) -> Response:
         """Server-sent events: ``tokens``, ``alert``, then ``done`` or ``failed``; resumable with Last-Event-ID."""
-        try:
-            start = int(self.headers.get("Last-Event-ID", "-1")) + 1
-        except ValueError:
-            start = 0
+        run = self.app.run(request.path_params["run_id"])
+        start = last_event_id(request.headers.get("last-event-id"), run)
         with run.cond:
             finished = run.done and start >= len(run.events)
         if finished:  # everything was delivered: 204 tells EventSource not to reconnect
-            self._send(204, b"", "text/event-stream")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        for item in run.follow(start):
-            if item is None:
-                chunk = ": keep-alive\n\n"
-            else:
-                i, kind, data = item
-                chunk = f"id: {i}\nevent: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-            self.wfile.write(chunk.encode())
-            self.wfile.flush()
+            return Response(status_code=HTTPStatus.NO_CONTENT)
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            async for i, kind, data in run.follow(start, lambda: self.closing):
+                yield ServerSentEvent(data=json_bytes(data).decode("utf-8"), event=kind, id=str(i), sep="\n")
+
+        return EventSourceResponse(stream(), ping=15, sep="\n")
+
+    async def token(self, request: Request) -> Response:
+        text = request.path_params["position"]
+        try:
+            position = int(text)
+        except ValueError:
+            raise not_found(f"token position {text!r} is not an integer") from None
+        return json_response(await run_in_threadpool(self.app.token, request.path_params["run_id"], position))
+
+    async def cancel(self, request: Request) -> Response:
+        return json_response(await run_in_threadpool(self.app.cancel, request.path_params["run_id"]))
+
+    async def feature(self, request: Request) -> Response:
+        p = request.path_params
+        return json_response(await run_in_threadpool(self.app.feature, p["hookpoint"], p["feature"]))
+
+    async def detector(self, request: Request) -> Response:
+        return json_response(await run_in_threadpool(self.app.detector, request.path_params["name"]))
+
+    async def steer(self, request: Request) -> Response:
+        body = await read_json(request, MAX_BODY)
+        return json_response(await run_in_threadpool(self.app.steer, body))
+
+    async def scores(self, request: Request) -> Response:
+        body = await read_json(request, MAX_SCORES_BODY)
+        if not isinstance(body.get("text"), str):
+            raise bad_request("send {\"text\": the contents of a `featurewatch score` output file}")
+        return json_response(await run_in_threadpool(self.app.scores, body["text"]))
 
 
-class UIServer(ThreadingHTTPServer):
-    """The HTTP server of one :class:`UIApp` (threads; ``serve_forever`` or :meth:`start`)."""
+# --------------------------------------------------------------------------- the server
+def bind_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
+    """A listening socket on ``host:port``; :class:`~featurewatch.errors.PortInUse` when the port is taken
+    (bind first, load the model after: a busy port fails in a second, not after the model loads)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server can reuse its port
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} on {host} is already in use by another process; choose another --port "
+                            "(0 = any free port)") from exc
+        raise ConfigError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --host or "
+                          "--port") from exc
+    sock.set_inheritable(True)
+    return sock
 
-    daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self, app: UIApp, host: str = "127.0.0.1", port: int = 8765) -> None:
-        if ":" in host:
-            import socket
+class UIServer:
+    """The page's HTTP server: one :class:`UIApp` behind :class:`Guard`, served by uvicorn.
 
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Handler)
+    ``serve_forever()`` blocks (Ctrl-C stops it); ``start()`` serves in a background thread and
+    ``close()`` stops it. A non-loopback ``host`` needs a ``token``. ``allowed_hosts``: more names
+    the ``Host`` header may carry (a name clients use for this machine).
+    """
+
+    def __init__(self, app: UIApp, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
+                 allowed_hosts: Iterable[str] = (), sock: socket.socket | None = None) -> None:
+        self.token = check_token(token)
+        if host not in LOOPBACK and self.token is None:
+            raise ConfigError(f"serving on {host}, not loopback, needs a token: anyone who reaches it could run the "
+                              f"model; pass one (the CLI: --token, or ${TOKEN_ENV})")
+        self.allowed_hosts = allowed_host_names(host, allowed_hosts)
         self.app = app
         self.host = host
-        self.port = int(self.server_address[1])
-        # a loopback server answers only to loopback names (DNS rebinding); a public one to any
-        self.allowed_hosts: set[str] | None = set(LOOPBACK) if host in LOOPBACK else None
+        self.socket = sock if sock is not None else bind_socket(host, port)
+        self.port = int(self.socket.getsockname()[1])
+        self.routes = Routes(app)
+        self.asgi = Guard(self.routes.starlette(), allowed_hosts=self.allowed_hosts, token=self.token,
+                          cookie=f"featurewatch_token_{self.port}")
+        config = uvicorn.Config(self.asgi, http="h11", ws="none", lifespan="off", log_config=None,
+                                log_level="warning", access_log=False, server_header=False,
+                                timeout_graceful_shutdown=3, timeout_keep_alive=5)
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
@@ -613,20 +979,40 @@ class UIServer(ThreadingHTTPServer):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
+    def serve_forever(self) -> None:
+        """Serve until Ctrl-C (SIGINT) or SIGTERM, in this thread."""
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stop_runs()
+
     def start(self) -> UIServer:
-        """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="featurewatch-ui", daemon=True)
+        """Serve in a background thread; return once it accepts connections."""
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
+                                        name="featurewatch-ui", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the page's server did not start on {self.url}")
+            time.sleep(0.01)
         return self
 
+    def _stop_runs(self) -> None:
+        self.routes.closing = True
+        self.app.close()  # cancels what still generates and wakes the streams, which then end
+
     def close(self) -> None:
+        """Stop serving: running generations are cancelled, open event streams end."""
+        self._stop_runs()
         if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-        self.server_close()
-        self.app.close()
+            self._server.should_exit = True
+            self._thread.join(10)
+        self.socket.close()
 
 
-def serve_ui(monitor: Monitor, *, host: str = "127.0.0.1", port: int = 8765, max_new_tokens: int = 256) -> UIServer:
+def serve_ui(monitor: Monitor, *, host: str = "127.0.0.1", port: int = 8765, max_new_tokens: int = 256,
+             token: str | None = None, allowed_hosts: Iterable[str] = ()) -> UIServer:
     """Start the page's server for ``monitor`` in a background thread; ``server.url`` is its address."""
-    return UIServer(UIApp(monitor, max_new_tokens=max_new_tokens), host, port).start()
+    return UIServer(UIApp(monitor, max_new_tokens=max_new_tokens), host, port, token=token,
+                    allowed_hosts=allowed_hosts).start()

@@ -163,10 +163,40 @@ function addTokens(tokens, onclick) {
   placeMarkers();
 }
 
+// Stop a run still generating: the server ends it after the decode step in flight and answers once
+// it has ended, so its slot is free for the next one.
+async function cancelRun(run) {
+  if (!run || run.done) return;
+  try { await api("POST", `/api/runs/${run.id}/cancel`); } catch (e) { /* it ended, or the server is gone */ }
+}
+
+function setStreaming(on) {
+  $("stop").hidden = !on;
+}
+
 async function generate(ev) {
   ev.preventDefault();
   showError("");
-  if (state.run && state.run.es) state.run.es.close();
+  const button = $("generate");
+  if (button.disabled) return;
+  button.disabled = true;
+  try {
+    // Generate again: the run still generating is cancelled first (compute stops within a step)
+    const previous = state.run;
+    if (previous && !previous.done) {
+      previous.replaced = true;
+      if (previous.es) previous.es.close();
+      $("status").textContent = "stopping the previous generation…";
+      await cancelRun(previous);
+      previous.done = true;
+    }
+    await startRun();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function startRun() {
   const body = {
     prompt: $("prompt").value,
     chat: $("chat").checked,
@@ -177,8 +207,11 @@ async function generate(ev) {
   try {
     started = await api("POST", "/api/runs", body);
   } catch (e) {
+    // 400 bad input, 429 busy, 401/403 refused: say so, and stay usable
     showError(e.message);
-    $("status").textContent = "";
+    $("status").textContent = e.status === 429 ? "busy: try again when a generation ends" : "";
+    document.body.dataset.runState = e.status === 429 ? "busy" : "refused";
+    setStreaming(false);
     return;
   }
   state.lastPrompt = body;
@@ -195,6 +228,7 @@ async function generate(ev) {
   document.body.dataset.runId = run.id;
   document.body.dataset.runState = "streaming";
   $("status").textContent = "generating…";
+  setStreaming(true);
   const es = new EventSource(started.events);
   run.es = es;
   const click = (e) => inspect(run, e.currentTarget);
@@ -204,20 +238,28 @@ async function generate(ev) {
     const d = JSON.parse(e.data);
     es.close();
     run.done = true;
+    if (run.replaced) return;
+    setStreaming(false);
     addTokens(d.unread.map((t) => Object.assign(t, { unread: true })), click);
     const scores = Object.entries(d.scores).map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
-    $("run-scores").textContent = `${d.outcome}${d.degraded ? " (degraded)" : ""} — pooled scores: ${scores || "—"}`;
-    $("status").textContent = `done: ${state.tokens.length} tokens, ${state.alerts.length} alert(s)`;
-    document.body.dataset.runState = "done";
+    $("run-scores").textContent = `${d.cancelled ? "stopped" : d.outcome}${d.degraded ? " (degraded)" : ""} — pooled scores: ${scores || "—"}`;
+    $("status").textContent = `${d.cancelled ? "stopped" : "done"}: ${state.tokens.length} tokens, ${state.alerts.length} alert(s)`;
+    document.body.dataset.runState = d.cancelled ? "stopped" : "done";
   });
   es.addEventListener("failed", (e) => {
     es.close();
+    run.done = true;
+    if (run.replaced) return;
+    setStreaming(false);
     showError(JSON.parse(e.data).error);
     $("status").textContent = "";
     document.body.dataset.runState = "failed";
   });
   es.onerror = () => {
-    if (!run.done && es.readyState === EventSource.CLOSED) showError("lost the connection to the server");
+    if (!run.done && !run.replaced && es.readyState === EventSource.CLOSED) {
+      setStreaming(false);
+      showError("lost the connection to the server");
+    }
   };
 }
 
@@ -272,6 +314,10 @@ async function showLive() {
   $("max-new-tokens").max = state.info.max_new_tokens;
   if (!state.info.chat_template) { $("chat").checked = false; $("chat").disabled = true; }
   $("prompt-form").addEventListener("submit", generate);
+  $("stop").addEventListener("click", async () => {
+    $("status").textContent = "stopping…";
+    await cancelRun(state.run);
+  });
 }
 
 // ---------------------------------------------------------------- feature card
@@ -430,13 +476,21 @@ async function main() {
   try {
     state.info = await api("GET", "/api/info");
   } catch (e) {
-    showError(`cannot reach the featurewatch server: ${e.message}`);
+    showError(e.status ? e.message : `cannot reach the featurewatch server: ${e.message}`);
+    document.body.dataset.ready = "1";
     return;
   }
   $("model-info").textContent = `${state.info.model} · pack ${state.info.pack || "none"} · ${state.info.hookpoints.join(", ")}`;
   $("detector-links").replaceChildren(...state.info.detectors.map((d) =>
     h("a", { href: `/detector/${d.name}` }, d.name)));
-  const parts = location.pathname.split("/").filter(Boolean).map(decodeURIComponent);
+  let parts;
+  try {
+    parts = location.pathname.split("/").filter(Boolean).map(decodeURIComponent);
+  } catch (e) {
+    // a malformed %-escape in the address: say so instead of a blank page, and show the live view
+    showError(`this address is not valid (${e.message}: a malformed %-escape in ${location.pathname}); showing the live page`);
+    parts = [];
+  }
   if (parts[0] === "feature" && parts.length === 3) await showFeature(parts[1], parts[2]);
   else if (parts[0] === "detector" && parts.length === 2) await showDetector(parts[1]);
   else if (parts[0] === "scores") showScores();
@@ -444,4 +498,7 @@ async function main() {
   document.body.dataset.ready = "1";
 }
 
-main();
+main().catch((e) => {
+  showError(`the page failed to start: ${e.message}`);
+  document.body.dataset.ready = "1";
+});
