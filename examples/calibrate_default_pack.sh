@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Calibrate the default pack's four detectors leave-one-source-out (featurewatch calibrate --group-by source).
-#   bash examples/calibrate_default_pack.sh [PACK_DIR] [DETECTOR ...]
+#   [BASELINE=OLD_PACK] bash examples/calibrate_default_pack.sh [PACK_DIR] [DETECTOR ...]
 # Needs ../shared/data (or DATA=DIR): dev/multi/*.jsonl, the older dev/*.jsonl and corpus/chat_train.jsonl.
 # Each command prints its per-source report and writes DETECTOR.json and DETECTOR-probe.json into the pack;
 # the whole reports go to runs/calibrate/DETECTOR.json.
@@ -27,6 +27,7 @@ POOLS=(--negatives "$HW/handwritten_smalltalk.jsonl" --negatives "$DATA/corpus/c
        --max-per-group 60 --max-per-group chat_train.jsonl=10 --max-per-group handwritten_smalltalk.jsonl=200)
 COMMON=(--pack "$PACK" --group-by source --max-tokens 160 --max-features 32 --target-fpr 0.02
         --cache "$OUT/acts")
+if [ -n "${BASELINE:-}" ]; then COMMON+=(--baseline "$BASELINE"); fi  # e.g. the pack as it was, to compare
 MAILWRAP=plain,quoted,reply
 
 if wanted scam-email; then

@@ -76,8 +76,9 @@ class OutOfSource(BaseModel):
     recall: float | None = Field(default=None, description="recall of left-out positives at the thresholds")
     fpr: float | None = Field(default=None, description="false-positive rate of left-out negatives")
     groups: list[dict[str, Any]] = Field(default_factory=list, description=(
-        "per left-out group: n_pos, n_neg, auroc_pos (its positives vs every negative), auroc_neg (every "
-        "positive vs its negatives), recall, fpr_<kind>"))
+        "per left-out group: n_pos, n_neg, auroc (within the group where it has both labels, else the one "
+        "below it has), auroc_pos (its positives vs every negative), auroc_neg (every positive vs its "
+        "negatives), auroc_within, recall, fpr_<kind>"))
     compared: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "per decision kind tried: auroc, worst_auroc, in_split_auroc"))
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from .alert import Alert, RunResult
 from .errors import ConfigError, GenerationBlocked
 from .intervention import Intervention
+from .models import context_length
 from .records import ROLES, Rendered, render_chat, render_text
 from .session import Session, TokenReading
 
@@ -169,7 +170,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
     rendered = [render_prompt(p, tok, chat=chat) for p in prompts]
-    context = getattr(getattr(monitor.model, "config", None), "max_position_embeddings", None)
+    context = context_length(monitor.model)
     longest = max(len(r.ids) for r in rendered)
     if context is not None and longest + max_new_tokens > context:
         raise ConfigError(f"the prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the "

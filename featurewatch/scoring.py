@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .alert import FeatureEvidence, Phase, RunResult
 from .errors import ConfigError
 from .hooks import _StopForward
+from .models import context_length
 from .records import Record, pad_right, render
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size
     if batch_size < 1 or max_tokens < 2:
         raise ConfigError(f"batch_size={batch_size}, max_tokens={max_tokens}: both must be positive "
                           "(max_tokens at least 2)")
-    context = getattr(getattr(monitor.model, "config", None), "max_position_embeddings", None)
+    context = context_length(monitor.model)
     if context is not None and max_tokens > context:
         raise ConfigError(f"max_tokens={max_tokens} exceeds the model's context of {context} tokens; "
                           f"use at most {context}")

@@ -114,6 +114,22 @@ def test_a_forced_sae_decision_lists_provenance_filtered_candidates(
     assert 1 <= len(load_spec(pack / "lure.json").features) <= 2
 
 
+def test_a_baseline_pack_is_scored_on_the_same_records(
+        tiny_lm_dir: Path, pack: Path, tiny_lm_pack: Path, files: dict[str, Path], tmp_path: Path,
+        capsys: Any) -> None:
+    code, out, err = cli(capsys, "calibrate", "--model", str(tiny_lm_dir), "--pack", str(pack), "--name", "demo",
+                         "--input", str(files["chats"]), "--group-by", "source", "--kind", "probe", "--watch",
+                         "completion", "--min-tokens", "1", "--baseline", str(tiny_lm_pack), "--json",
+                         "--cache", str(tmp_path / "cache"))
+    assert code == 0, err
+    base = json.loads(out)["baseline"]["demo"]  # the tiny pack's hand-set readout, on every left-out group
+    assert {g["group"] for g in base["groups"]} == set(SOURCES) and base["auroc"] is not None
+    code, _, err = cli(capsys, "calibrate", "--model", str(tiny_lm_dir), "--pack", str(pack), "--name", "other",
+                       "--input", str(files["chats"]), "--group-by", "source", "--baseline", str(tiny_lm_pack),
+                       "--cache", str(tmp_path / "cache"))
+    assert code == 2 and "has no detector 'other'" in err
+
+
 def test_eval_reports_per_group_and_says_where_it_differs_from_calibration(
         tiny_lm_dir: Path, pack: Path, files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
     code, out, err = cli(capsys, "eval", "--model", str(tiny_lm_dir), "--pack", str(pack), "--detector", "demo",

@@ -276,7 +276,8 @@ def fires_at(rows: Rows, scores: np.ndarray, thr: Thresholds, *, min_tokens: int
 # --------------------------------------------------------------------------- report
 def group_report(rows: Rows, scores: np.ndarray, fired: np.ndarray) -> list[dict[str, Any]]:
     """Per group (left out when scored): AUROC of its positives vs every negative, of every positive vs
-    its negatives, recall and FPR per negative kind at the shipped thresholds."""
+    its negatives, within the group when it has both, recall and FPR per negative kind at the shipped
+    thresholds; ``auroc`` is the group's own figure (within where it can be, else the one it has)."""
     ok = np.isfinite(scores)
     pos_all, neg_all = (rows.y == 1) & ok, (rows.y == 0) & ok
     out = []
@@ -297,6 +298,9 @@ def group_report(rows: Rows, scores: np.ndarray, fired: np.ndarray) -> list[dict
                     r[f"fpr_{kind}"] = rounded(float(fired[k].mean()))
         if r["n_pos"] and r["n_neg"]:
             r["auroc_within"] = rounded(auroc(scores[in_g], rows.y[in_g]))
+        # the group's own figure: its positives against its own negatives where it has both (scores of one
+        # fold's fit, so no other source's scale enters), else against the other class of every group
+        r["auroc"] = r.get("auroc_within", r.get("auroc_pos", r.get("auroc_neg")))
         out.append(r)
     return out
 
@@ -305,7 +309,7 @@ def summary(rows: Rows, scores: np.ndarray, fired: np.ndarray) -> dict[str, Any]
     ok = np.isfinite(scores)
     table = group_report(rows, scores, fired)
     own = [r for r in table if r["group"] in set(rows.group[rows.kind != "pool"])]
-    aurocs = [r[k] for r in own for k in ("auroc_pos", "auroc_neg") if r.get(k) is not None]
+    aurocs = [r["auroc"] for r in own if r.get("auroc") is not None]
     neg = (rows.y == 0) & ok
     pos = (rows.y == 1) & ok
     return {

@@ -89,6 +89,9 @@ def register(sub: Any) -> None:
                         "ordinary negatives), pool (--negatives files), hard_neg (look-alikes); default neg,pool — "
                         "hard negatives are then reported per group, not thresholded on")
     p.add_argument("--report", metavar="OUT.json", help="with --group-by: write the whole report as JSON")
+    p.add_argument("--baseline", metavar="PACK",
+                   help="with --group-by: also score the same records with this pack's detector of the same name "
+                        "(and its -probe) at its own thresholds, per group, beside the new fit (same SAE needed)")
     _common(p, detectors=False)
     p.set_defaults(func=cmd_calibrate)
 

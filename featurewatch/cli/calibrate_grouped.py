@@ -118,6 +118,7 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     if len(groups) < 2:
         raise CLIError(f"--group-by {args.group_by}: the --input records hold one group ({groups[0]}); "
                        "leaving one out needs at least two")
+    baseline = _baseline_pack(args)
     pack = load_pack_checked(args)
     out_dir = check_output_dir(args.out, "--out") if args.out else resolve_pack_path(args.pack or pack.path)
     hp = next(iter(pack.saes))
@@ -148,8 +149,8 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     def out_of_source(kind: str) -> OutOfSource:
         res = cal.results[kind]
         loso = res["loso"]
-        worst = min((r for r in loso["groups"] if r["group"] in groups),
-                    key=lambda r: min(r.get("auroc_pos") or 1.0, r.get("auroc_neg") or 1.0), default=None)
+        worst = min((r for r in loso["groups"] if r["group"] in groups and r.get("auroc") is not None),
+                    key=lambda r: r["auroc"], default=None)
         return OutOfSource(
             group_by=args.group_by, decision=kind,  # type: ignore[arg-type]
             reason=cal.reason if kind == cal.chosen else f"variant measured beside {cal.chosen}",
@@ -203,7 +204,9 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
 
     report: dict[str, Any] = {"detector": args.name, "hookpoint": hp, "group_by": args.group_by, "phases": watch,
                               "chosen": cal.chosen, "reason": cal.reason, "groups": groups, "kinds": cal.results,
-                              "written": {}}
+                              "written": {}, "argv": sys.argv[1:]}
+    if baseline is not None:
+        report["baseline"] = _score_baseline(baseline, args.name, rows, sae)
     report["written"][args.name] = write(args.name, cal.chosen, cal.decision, cal.thresholds)
     if cal.probe is not None and cal.chosen != "probe":
         thr = set_thresholds(rows, np.nan_to_num(cal.oof["probe"], nan=-np.inf), watch, target_fpr=args.target_fpr,
@@ -216,6 +219,50 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
         return 0
     _print_report(report, args)
     return 0
+
+
+def _baseline_pack(args: argparse.Namespace) -> Any:
+    """The ``--baseline`` pack, checked before the model loads: it must hold the detector being fitted."""
+    if not args.baseline:
+        return None
+    from ..pack import load_pack
+
+    base = load_pack(args.baseline)
+    if args.name not in base.detectors:
+        raise CLIError(f"--baseline {args.baseline}: has no detector {args.name!r} to compare with "
+                       f"(it has {', '.join(sorted(base.detectors))})")
+    return base
+
+
+def _score_baseline(base: Any, name: str, rows: Any, sae: Any) -> dict[str, Any]:
+    """The baseline pack's detector (and its -probe) on the same rows, as the runtime scores them, per group."""
+    from ..calibration.loso import Thresholds, fires_at, summary
+    from ..calibration.sources import sae_fingerprint
+
+    out: dict[str, Any] = {"pack": str(base.path)}
+    for spec_name in (name, name + "-probe"):
+        spec = base.detectors.get(spec_name)
+        if spec is None:
+            continue
+        if spec.kind == "sae":
+            base_sae = base.saes.get(spec.hookpoint)
+            if base_sae is None or sae_fingerprint(base_sae) != sae_fingerprint(sae):
+                out[spec_name] = {"error": "reads another SAE: its feature ids mean other features here"}
+                continue
+            ids = [f.id for f in spec.features]
+            raw = rows.feats[:, ids] @ np.array([f.weight for f in spec.features]) + spec.bias
+        else:
+            raw = rows.resid @ base.probe_weight(spec).numpy() + spec.bias
+        watched = np.isin(rows.phase, list(spec.phases))
+        raw = np.where(watched, raw, np.nan)
+        thr = Thresholds(spec.pooling.prior_score or 0.0, {p: spec.threshold_for(p) for p in spec.phases},
+                         spec.hysteresis, {})
+        k = spec.pooling.prior_tokens if spec.pooling.prior_score is not None else 0.0
+        fired = fires_at(rows, raw, thr, min_tokens=spec.pooling.min_tokens, prior_tokens=k)
+        res = summary(rows, raw, fired)
+        res["in_split_auroc"] = spec.calibration.auroc if spec.calibration else None
+        out[spec_name] = res
+    return out
 
 
 def _label(pack: Any, hp: str, feature: int) -> str | None:
@@ -242,6 +289,11 @@ def _print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         rows.append([kind + (" ◀" if kind == report["chosen"] else ""), f(res.get("in_split", {}).get("auroc")),
                      f(loso["auroc"]), f(loso["worst_auroc"]), f(loso["recall"]), f(loso["fpr"])])
     print(table(rows, ["decision", "in-split AUROC", "out-of-source AUROC", "worst group", "recall", "FPR"]))
+    for name, res in (report.get("baseline") or {}).items():
+        if isinstance(res, dict) and "auroc" in res:
+            print(f"baseline {name} ({report['baseline']['pack']}): its own held-out AUROC {f(res['in_split_auroc'])}; "
+                  f"on these records AUROC {f(res['auroc'])}, worst group {f(res['worst_auroc'])}, recall "
+                  f"{f(res['recall'])}, FPR {f(res['fpr'])}")
     print(f"chosen: {report['chosen']} — {report['reason']}")
     for kind, res in report["kinds"].items():
         gap = res.get("gap")
@@ -249,9 +301,13 @@ def _print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"warning: {kind}: in-split AUROC is {gap:.3f} above out-of-source — a split inside the same "
                   "sources overstates how this detector does on text from anywhere else")
     chosen = report["kinds"][report["chosen"]]["loso"]
-    print(table([[g["group"], g["n_pos"], g["n_neg"], f(g.get("auroc_pos")), f(g.get("auroc_neg")), f(g.get("recall")),
-                  f(g.get("fpr_neg")), f(g.get("fpr_hard_neg")), f(g.get("fpr_pool"))] for g in chosen["groups"]],
-                ["left out", "pos", "neg", "AUROC pos", "AUROC neg", "recall", "FPR neg", "FPR hard", "FPR pool"]))
+    print(table([[g["group"], g["n_pos"], g["n_neg"], f(g.get("auroc")), f(g.get("auroc_pos")), f(g.get("auroc_neg")),
+                  f(g.get("recall")), f(g.get("fpr_neg")), f(g.get("fpr_hard_neg")), f(g.get("fpr_pool"))]
+                 for g in chosen["groups"]],
+                ["left out", "pos", "neg", "AUROC", "vs all neg", "all pos vs", "recall", "FPR neg", "FPR hard",
+                 "FPR pool"]))
+    print("AUROC: within the group where it has both labels, else its one class against the other class of every "
+          "group; worst group: the lowest of these over the labelled groups")
     for _name, w in report["written"].items():
         thr = ", ".join(f"{p} {t:.3f}" for p, t in w["thresholds"].items())
         extra = f"; {len(w['features'])} features" if w["features"] else ""
