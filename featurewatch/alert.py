@@ -56,6 +56,8 @@ class Alert(BaseModel):
     span: tuple[int, int] = Field(description="token positions [start, end) that drove the alert")
     text: str | None = Field(default=None, description="the span's text; None when text capture is off")
     evidence: list[FeatureEvidence] = Field(default_factory=list)
+    would_block: bool = Field(default=False, description=(
+        "a block detector fired in shadow mode: enforcing would have stopped the run here (it went on)"))
     unexplained: float | None = Field(default=None, description=(
         "dense (probe) detectors explained in SAE features: the part of the mean token score that no "
         "evidence feature carries (the SAE's error and unwatched features), bias and decoder bias excluded"))
@@ -77,6 +79,10 @@ class RunResult(BaseModel):
     phase_scores: dict[str, dict[str, float]] = Field(default_factory=dict)
     alerts: list[Alert] = Field(default_factory=list)
     n_tokens: int = 0
+    n_prompt_tokens: int = Field(default=0, description="of n_tokens, the prompt's (markup included)")
+    n_output_tokens: int | None = Field(default=None, description=(
+        "tokens generated, where the engine knows it (Monitor.generate does; the monitor reads one less: "
+        "the last generated token is never fed back)"))
     degraded: bool = Field(default=False, description="a monitoring fault happened (fail-open)")
     started_at: float = 0.0
     ended_at: float = 0.0

@@ -77,6 +77,7 @@ class JsonAlertLog(BaseSink):
             "score": _finite_or_none(alert.score),
             "threshold": _finite_or_none(alert.threshold),
             "action": alert.action,
+            "would_block": alert.would_block,
             "severity": alert.severity,
             "span": list(alert.span),
             "started_at": alert.started_at,

@@ -178,7 +178,7 @@ def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, 
 
 
 def record_alert(firing: Firing, run: RunState, *, model_name: str, fired_at: float, tokenizer: Any = None,
-                 labels: LabelLookup | None = None) -> Alert:
+                 labels: LabelLookup | None = None, would_block: bool = False) -> Alert:
     """Build the alert of a firing (span text when ``tokenizer`` is given), and note it in the run.
 
     The run keeps the alert and the detector's first firing position (``when=`` interventions start
@@ -196,7 +196,7 @@ def record_alert(firing: Firing, run: RunState, *, model_name: str, fired_at: fl
                   threshold=firing.pool.threshold, action=spec.action, severity=spec.severity,
                   run_id=run.run_id, model_name=model_name, span=span, text=text,
                   evidence=items, unexplained=unexplained, unexplained_share=unexplained_share,
-                  started_at=run.started_at, fired_at=fired_at)
+                  would_block=would_block, started_at=run.started_at, fired_at=fired_at)
     run.alerts.append(alert)
     run.fired.setdefault(spec.name, firing.position)
     return alert

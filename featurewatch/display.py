@@ -43,7 +43,8 @@ def alert_line(alert: Alert, *, color: bool = False) -> str:
     head = paint(f"⚠ {alert.detector}", sev, color)
     evidence = ", ".join(f"#{e.feature}" + (f" {e.label}" if e.label else "") for e in alert.evidence[:3])
     text = f' "{_clip(alert.text, 60)}"' if alert.text else ""
-    return (f"{head} [{alert.phase}] score {alert.score:.2f} ≥ {alert.threshold:.2f} → {alert.action}"
+    action = "block (shadow: would block, went on)" if alert.would_block else alert.action
+    return (f"{head} [{alert.phase}] score {alert.score:.2f} ≥ {alert.threshold:.2f} → {action}"
             f" (tokens {alert.span[0]}–{alert.span[1]}){text}" + (f"  evidence: {evidence}" if evidence else ""))
 
 

@@ -82,6 +82,15 @@ class StopBlocked:
         return torch.tensor([row.blocked for row in self.session.rows], device=input_ids.device)
 
 
+def count_generated(session: Session, sequences: Any, width: int, tokenizer: Any) -> None:
+    """Note each run's generated tokens (up to and with its first end-of-sequence token) in its state."""
+    sequences = sequences.sequences if hasattr(sequences, "sequences") else sequences
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for r, row in enumerate(session.rows):
+        new = sequences[r, width:].tolist()
+        row.generated = new.index(eos) + 1 if eos in new else len(new)
+
+
 def generation_results(session: Session, prompts: Sequence[Sequence[int]], sequences: Tensor, width: int,
                        tokenizer: Any) -> list[GenerationResult]:
     """One :class:`GenerationResult` per batch row of a monitored ``generate``: ``prompts`` are the rows'
@@ -97,7 +106,8 @@ def generation_results(session: Session, prompts: Sequence[Sequence[int]], seque
 
 def blocked_error(blocked: GenerationResult, results: Sequence[GenerationResult]) -> GenerationBlocked:
     """The :class:`GenerationBlocked` of a blocked run: its first ``block`` alert, and the call's results."""
-    return GenerationBlocked(next(a for a in blocked.alerts if a.action == "block"), list(results))
+    first = next(a for a in blocked.alerts if a.action == "block" and not a.would_block)  # not one in shadow
+    return GenerationBlocked(first, list(results))
 
 
 def render_prompt(prompt: Prompt, tokenizer: Any, *, chat: bool = True) -> Rendered:
@@ -142,10 +152,12 @@ def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor
 def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                    top_features: int = 0, raise_on_block: bool = True,
                    interventions: Sequence[Intervention] = (), streamer: Any = None,
-                   run_ids: Sequence[str] | None = None, **generate_kwargs: Any) -> list[GenerationResult]:
+                   run_ids: Sequence[str] | None = None, shadow: Sequence[str] = (),
+                   **generate_kwargs: Any) -> list[GenerationResult]:
     """Generate for several prompts at once (left padding, KV cache), monitored. See :meth:`Monitor.generate`.
 
     ``run_ids``: the runs' ids (e.g. a caller's trace ids), one per prompt; random by default.
+    ``shadow``: detectors whose ``block`` only marks its alert ``would_block`` in this call.
     A ``stopping_criteria`` in ``generate_kwargs`` is kept, next to the monitor's own.
     """
     from transformers import StoppingCriteriaList
@@ -166,7 +178,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     ids, mask, content = _left_pad(rendered, tok.pad_token_id)
     width = ids.shape[1]
     session = monitor.session(len(prompts), top_features=top_features, n_prompt=[width] * len(prompts),
-                              content=content, interventions=interventions, run_ids=run_ids)
+                              content=content, interventions=interventions, run_ids=run_ids, shadow=shadow)
     criteria = StoppingCriteriaList([StopBlocked(session), *(generate_kwargs.pop("stopping_criteria", None) or [])])
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
@@ -177,6 +189,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
         generate: Any = monitor.model.generate  # nn.Module's stub does not know generate()
         out = generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        streamer=streamer, stopping_criteria=criteria, **generate_kwargs)
+        count_generated(session, out, width, tok)  # before the runs close: their results carry it
     results = generation_results(session, [r.ids for r in rendered], out, width, tok)
     blocked = next((res for res in results if res.outcome == "blocked"), None)
     if raise_on_block and blocked is not None:

@@ -110,6 +110,7 @@ class _Metrics:
     threshold: Gauge
     detector_info: Gauge
     build_info: Gauge
+    would_block: Counter
     score: Histogram | None = None
     score_bounds: frozenset[float] = frozenset()
     info_labels: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
@@ -147,6 +148,8 @@ class _Metrics:
                                ("detector", "model_name", "severity", "action"), multiprocess_mode="livemax"),
             build_info=make(Gauge, "build_info", "featurewatch version (value 1).", ("version",),
                             multiprocess_mode="livemax"),
+            would_block=make(Counter, "would_block", "Block alerts in shadow mode: runs enforcing would have "
+                             "stopped.", ("detector", "model_name")),
         )
 
     def score_histogram(self, buckets: Sequence[float], thresholds: Sequence[float]) -> Histogram:
@@ -219,6 +222,8 @@ class PrometheusMetrics(BaseSink):
             for phase in d.phases:
                 threshold = phase_threshold(d, phase)
                 m.alerts.labels(d.name, phase, d.action, model_name)
+                if d.action == "block":
+                    m.would_block.labels(d.name, model_name)
                 m.threshold.labels(d.name, phase, model_name).set(threshold)
                 score.labels(d.name, phase, model_name)
                 if math.isfinite(threshold) and float(threshold) not in m.score_bounds:
@@ -269,10 +274,12 @@ class PrometheusMetrics(BaseSink):
             scanned.inc(tokens)
 
     def on_alert(self, alert: Alert) -> None:
-        """Count the alert, with its run id as the exemplar."""
+        """Count the alert (and, in shadow mode, the block it would have been), with its run id as the exemplar."""
         self._check_known(alert.model_name, alert.detector)
         child = self._m.alerts.labels(alert.detector, alert.phase, alert.action, alert.model_name)
         child.inc(exemplar=self._exemplar(alert.run_id))
+        if alert.would_block:
+            self._m.would_block.labels(alert.detector, alert.model_name).inc(exemplar=self._exemplar(alert.run_id))
 
     def on_run_end(self, result: RunResult) -> None:
         """Count the outcome, observe each detector's pooled score per phase and end the in-flight run."""

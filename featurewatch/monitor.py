@@ -44,7 +44,7 @@ from .models import LoadedModel, load_model, resolve_hookpoint
 from .pack import DEFAULT_PACK, Pack, load_pack
 from .readout import Readout, build_readouts
 from .records import Record
-from .runbook import RunBook
+from .runbook import RunBook, ShadowSwitch, pack_shadow, shadow_set
 from .sae import SparseAutoencoder
 from .scoring import score_records
 from .session import Session, _current
@@ -66,6 +66,10 @@ class Monitor:
     With your own model::
 
         monitor = Monitor(model, tokenizer, pack="path/to/pack", sinks=[PrometheusMetrics()])
+
+    ``shadow``: ``block`` detectors that only say what they would have done (``True``: all of them,
+    or a list of names; default: the pack's ``shadow``): they alert with ``would_block=True``
+    (counted in ``featurewatch_would_block_total``) and the generation goes on.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, pack: Pack | str | Path | None = None,
@@ -74,7 +78,7 @@ class Monitor:
                  interventions: Sequence[Intervention] = (), sinks: Sequence[Sink] = (),
                  on_alert: AlertCallback | Sequence[AlertCallback] = (), fail_closed: bool = False,
                  capture_text: bool = True, model_name: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shadow: ShadowSwitch = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.pack = load_pack(pack) if isinstance(pack, (str, Path)) else pack
@@ -92,10 +96,13 @@ class Monitor:
         self._interventions = list(interventions)  # the monitor's own: a call's stack on top of them
         self._steering = self._compile(interventions, suppress)
         callbacks = [on_alert] if callable(on_alert) else list(on_alert)
+        self.shadow = shadow_set(shadow, self.detectors, where="shadow=") if shadow is not None else \
+            pack_shadow(self.pack, self.detectors)
+        """Detectors whose ``block`` runs in shadow mode: they alert with ``would_block=True`` and stop nothing."""
         self._fanout = Fanout(sinks, callbacks, fail_closed=fail_closed)
         self._book = RunBook(self._fanout, model_name=self.model_name, clock=clock,
                              tokenizer=tokenizer if capture_text else None,
-                             labels=self.pack.label if self.pack else None)
+                             labels=self.pack.label if self.pack else None, shadow=self.shadow)
         self._special = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
         self._handles: list[Any] = []
         self._live: weakref.WeakSet[Session] = weakref.WeakSet()
@@ -212,15 +219,16 @@ class Monitor:
     def session(self, batch_size: int = 1, *, top_features: int = 0, run_ids: Sequence[str] | None = None,
                 n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
                 interventions: Sequence[Intervention] = (), stop_after_deepest: bool = False,
-                blocking: bool = True, markup: Sequence[Sequence[tuple[int, int]]] | None = None) -> Session:
+                blocking: bool = True, markup: Sequence[Sequence[tuple[int, int]]] | None = None,
+                shadow: Sequence[str] = ()) -> Session:
         """A session for driving the model yourself: ``with monitor.session() as s: model(...)``.
 
         ``top_features``: keep each token's residual so readings can list its strongest
         features. ``n_prompt``/``content``: which positions are prompt, and which are
         content a detector reads (default: the whole first call is prompt, all content).
-        ``blocking=False`` (shadow mode): ``block`` alerts are reported but do not mark the
-        runs blocked, so they go on and are scored to the end.
-
+        ``blocking=False`` (shadow mode): ``block`` alerts are reported (``would_block=True``)
+        but do not mark the runs blocked, so they go on and are scored to the end; ``shadow``:
+        the same for the named detectors only (on top of the monitor's ``shadow``).
         Chat markup typed into a prompt's content that reached the model as markup tokens is reported
         as a ``markup-injection`` alert after the first forward pass: at the token spans ``markup`` gives
         per row (a caller that rendered the prompt knows them), or, without a ``content`` mask (ids
@@ -234,7 +242,8 @@ class Monitor:
                     model_name=self.model_name, special_ids=self._special, top_features=top_features,
                     blocking=blocking, steering=self._compile_call(interventions) if interventions else None,
                     stop_after_deepest=stop_after_deepest, n_prompt=n_prompt, content=content, run_ids=run_ids,
-                    clock=self.clock, on_end=self._end_session, markup=markup)
+                    clock=self.clock, on_end=self._end_session, markup=markup,
+                    shadow=shadow_set(list(shadow), self.detectors, where="shadow="))
         self._live.add(s)
         for row in s.rows:
             self._book.open(row, self.detectors)
@@ -242,7 +251,7 @@ class Monitor:
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, chat: bool = True, top_features: int = 0,
                  raise_on_block: bool = True, interventions: Sequence[Intervention] = (), streamer: Any = None,
-                 run_id: str | None = None, **generate_kwargs: Any) -> GenerationResult:
+                 run_id: str | None = None, shadow: Sequence[str] = (), **generate_kwargs: Any) -> GenerationResult:
         """Generate for one prompt (a string, or chat messages), monitored.
 
         ``top_features``: strongest SAE features kept per token for ``result.readings()``;
@@ -250,18 +259,21 @@ class Monitor:
         ``raise_on_block``: raise :class:`~featurewatch.errors.GenerationBlocked` when a
         ``block`` detector stops the generation (else return the partial result);
         ``run_id``: the run's id (e.g. a trace id to join on), random by default.
+        ``shadow``: detectors whose ``block`` only marks its alert ``would_block`` in this call.
         ``generate_kwargs`` go to ``model.generate`` (greedy by default).
         """
         return generate_batch(self, [prompt], max_new_tokens=max_new_tokens, chat=chat, top_features=top_features,
                               raise_on_block=raise_on_block, interventions=interventions, streamer=streamer,
-                              run_ids=None if run_id is None else [run_id], **generate_kwargs)[0]
+                              run_ids=None if run_id is None else [run_id], shadow=shadow, **generate_kwargs)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                        top_features: int = 0, raise_on_block: bool = True,
-                       interventions: Sequence[Intervention] = (), **generate_kwargs: Any) -> list[GenerationResult]:
+                       interventions: Sequence[Intervention] = (), shadow: Sequence[str] = (),
+                       **generate_kwargs: Any) -> list[GenerationResult]:
         """Generate for several prompts at once (left padding, KV cache), monitored; see :meth:`generate`."""
         return generate_batch(self, prompts, max_new_tokens=max_new_tokens, chat=chat, top_features=top_features,
-                              raise_on_block=raise_on_block, interventions=interventions, **generate_kwargs)
+                              raise_on_block=raise_on_block, interventions=interventions, shadow=shadow,
+                              **generate_kwargs)
 
     def score_records(self, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                       on_batch: Callable[[int], Any] | None = None) -> Iterator[tuple[Record, RunResult]]:
@@ -345,7 +357,7 @@ class Monitor:
         feats_cpu = feats.cpu()
         session.keep(readout.hookpoint, tokens, feats_cpu, x if session.top_features else None, scores)
         for firing in observe(readout, session.rows, tokens, feats_cpu, scores, session.totals.get(readout.hookpoint)):
-            self._book.fire(session.rows[firing.row], firing, blocking=session.blocking)
+            self._book.fire(session.rows[firing.row], firing, blocking=session.blocking, shadow=session.shadow)
         delta = None
         for steering in (self._steering.get(readout.hookpoint), session.steering.get(readout.hookpoint)):
             d = steering.delta(x, tokens, session.rows) if steering is not None else None

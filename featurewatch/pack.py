@@ -50,6 +50,9 @@ class PackManifest(BaseModel):
     hookpoints: dict[str, str] = Field(description="hookpoint → SAE directory relative to the pack")
     default_detectors: list[str] | None = Field(default=None, description=(
         "detectors a monitor loads when none are named (default: all)"))
+    shadow: bool | list[str] = Field(default=False, description=(
+        "block detectors that run in shadow mode (true: all): they alert with would_block and stop nothing, "
+        "for rolling blocking out; Monitor(shadow=...) and FEATUREWATCH_SHADOW override it"))
     description: str = ""
     provenance: dict[str, Any] = Field(default_factory=dict)
 
@@ -249,6 +252,8 @@ def load_pack(name_or_path: str | Path = DEFAULT_PACK) -> Pack:
         detectors[spec.name] = spec
     pack = Pack(root, manifest, saes, detectors, features)
     pack.select(manifest.default_detectors)  # names in default_detectors must exist
+    if isinstance(manifest.shadow, list):
+        pack.select(manifest.shadow)  # and so must those in shadow
     return pack
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -71,6 +71,7 @@ class RunState:
     fired: dict[str, int] = field(default_factory=dict)  # detector -> position of its first alert
     blocked: bool = False
     degraded: bool = False
+    generated: int | None = None  # tokens generated, set by an engine that knows it before the run closes
 
     def outcome(self, *, error: bool = False, aborted: bool = False) -> Outcome:
         """How the run ended: an error in its call, a block, the client gone (``aborted``), or completed."""
@@ -85,6 +86,7 @@ class RunState:
                 phase_scores.setdefault(phase, {})[name] = pool.value
         return RunResult(run_id=self.run_id, model_name=model_name, outcome=outcome, scores=scores,
                          phase_scores=phase_scores, alerts=list(self.alerts), n_tokens=len(self.token_ids),
+                         n_prompt_tokens=len(self.completion) - sum(self.completion), n_output_tokens=self.generated,
                          degraded=self.degraded, started_at=self.started_at, ended_at=ended_at)
 
 
@@ -116,7 +118,7 @@ class Session:
                  n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
                  run_ids: Sequence[str] | None = None, clock: Callable[[], float] = time.time,
                  on_end: Callable[[Session], list[RunResult]] | None = None,
-                 markup: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
+                 markup: Sequence[Sequence[tuple[int, int]]] | None = None, shadow: Collection[str] = ()) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; a session needs at least one run")
         if run_ids is not None and len(run_ids) != batch_size:
@@ -141,7 +143,9 @@ class Session:
         self.model_name = model_name
         self.top_features = top_features
         self.blocking = blocking
-        """False in shadow mode: ``block`` alerts are reported but do not stop the runs."""
+        """False in shadow mode: ``block`` alerts are reported (``would_block``) but do not stop the runs."""
+        self.shadow = frozenset(shadow)
+        """Detectors whose ``block`` runs in shadow mode in this call (on top of the monitor's)."""
         self.steering: Mapping[str, Steering] = dict(steering or {})
         """This call's own compiled interventions, by hookpoint (the monitor's are the monitor's)."""
         self.stop_after_deepest = stop_after_deepest

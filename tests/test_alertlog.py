@@ -45,8 +45,8 @@ def test_one_json_line_per_alert_without_text(captured: Any, make_alert: Any) ->
     assert (level1, level2) == ("CRITICAL", "INFO")
     assert first == {
         "event": "alert", "run_id": "r-1", "model_name": "tiny", "detector": "scam-email", "phase": "prompt",
-        "score": 3.1, "threshold": 1.5, "action": "alert", "severity": "critical", "span": [2, 9],
-        "started_at": 1000.0, "fired_at": 1000.5,
+        "score": 3.1, "threshold": 1.5, "action": "alert", "would_block": False, "severity": "critical",
+        "span": [2, 9], "started_at": 1000.0, "fired_at": 1000.5,
         "evidence": [{"feature": 7, "label": "urgency", "activation": 2.5, "contribution": 1.25}],
     }
     assert "wire" not in buffer.getvalue()

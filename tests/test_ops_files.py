@@ -42,7 +42,8 @@ def panels() -> list[dict[str, Any]]:
 @pytest.fixture
 def exported_names(registry: CollectorRegistry, make_detector: Any) -> set[str]:
     """Every sample name an attached sink exports (histogram suffixes included)."""
-    PrometheusMetrics(registry=registry).on_attach(model_name="m", detectors=[make_detector("scam-email")])
+    PrometheusMetrics(registry=registry).on_attach(model_name="m", detectors=[
+        make_detector("scam-email"), make_detector("dangerous-content", action="block")])
     names = {s.name for m in registry.collect() for s in m.samples}
     assert "featurewatch_detector_score_bucket" in names and "featurewatch_alerts_total" in names
     return names | {line.split()[2] for line in generate_latest(registry).decode().splitlines()
@@ -64,7 +65,8 @@ def test_every_alert_has_a_firing_unit_test() -> None:
     tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
               for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     assert alerts == tested == {"FeatureWatchCriticalDetection", "FeatureWatchHighDetectionRate",
-                                "FeatureWatchMonitorSlow", "FeatureWatchMonitorErrors", "FeatureWatchExporterDown"}
+                                "FeatureWatchMonitorSlow", "FeatureWatchMonitorErrors", "FeatureWatchExporterDown",
+                                "FeatureWatchWouldBlock"}
 
 
 def test_every_alert_is_routable_and_explained() -> None:
@@ -116,7 +118,7 @@ def test_dashboard_uses_the_datasource_variable_and_model_filter() -> None:
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for wanted in ("alerts by detector and phase", "alert rate vs generations", "score distribution",
-                   "p50 / p99", "tokens scanned", "errors", "in flight"):
+                   "p50 / p99", "tokens scanned", "errors", "in flight", "would have blocked (shadow)"):
         assert wanted in titles
     for panel in dashboard["panels"]:
         assert panel["targets"], panel["title"]

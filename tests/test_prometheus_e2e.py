@@ -72,6 +72,12 @@ def drive_events(metrics_sink: PrometheusMetrics, smollm: Any, tmp_path: Path) -
     """The real monitor on the embedded model with the default pack, attached now (so every child is
     scraped at 0 first); ``run`` generates for real prompts and returns the alerts that fired."""
     pack = write_demo_pack(tmp_path / "pack")  # demo thresholds: the alert chain is under test
+    # dangerous-content blocks, rolled out in shadow by the pack's own switch: it alerts (would_block)
+    # and stops nothing, so featurewatch_would_block_total and its panels have data
+    spec = json.loads((pack / "dangerous-content.json").read_text())
+    (pack / "dangerous-content.json").write_text(json.dumps({**spec, "action": "block"}))
+    manifest = json.loads((pack / "pack.json").read_text())
+    (pack / "pack.json").write_text(json.dumps({**manifest, "shadow": ["dangerous-content"]}))
     monitor = Monitor(smollm.model, smollm.tokenizer, pack=pack, sinks=[metrics_sink],
                       model_name=smollm.name, fail_closed=True)
 
@@ -239,6 +245,11 @@ def test_alert_reaches_prometheus_alertmanager_and_the_webhook(servers: Stack, d
                                  f'phase="{a.phase}"}} >= 1') for a in fired)
 
     wait_for("alert counts in Prometheus", counted, servers.logs)
+    shadowed = [a for a in paged if a.would_block]  # the critical detector blocks in shadow (the pack's switch)
+    assert shadowed and not any(a.would_block for a in fired if a.detector not in critical)
+    wait_for("would-block counts in Prometheus", lambda: servers.query(
+        f'featurewatch_would_block_total{{model_name="{model}", detector="{shadowed[0].detector}"}} >= 1'),
+        servers.logs)
     names = {s["metric"]["__name__"] for s in servers.query('{__name__=~"featurewatch_.+"}')}
     assert {"featurewatch_generations_total", "featurewatch_tokens_scanned_total", "featurewatch_errors_total",
             "featurewatch_detector_score_bucket", "featurewatch_monitor_duration_seconds_bucket",

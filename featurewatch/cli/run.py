@@ -32,6 +32,13 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", type=PORT, help="serve Prometheus metrics on this port (0 = any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address to bind the metrics server to")
     p.add_argument("--serve", action="store_true", help="keep serving metrics after the prompts (Ctrl-C stops)")
+    p.add_argument("--otlp", action="store_true",
+                   help="export each run as an OpenTelemetry span (alerts as events) over OTLP, configured by the "
+                        "standard OTEL_* variables (default endpoint http://localhost:4318); needs featurewatch[otel]")
+    p.add_argument("--otlp-text", action="store_true", help="with --otlp: put the alert span's text in the events")
+    p.add_argument("--shadow", nargs="?", const="all", metavar="DETECTORS",
+                   help="block detectors only say what they would have done (alerts marked would_block, the "
+                        "generation goes on): all of them, or the comma-separated names given")
     p.add_argument("--steer", action="append", default=[], metavar="[HOOKPOINT:]FEATURE:MODE[:VALUE]",
                    help="steer a feature in every generation (repeatable): MODE clamp|add|scale|ablate, VALUE in "
                         "× the feature's max activation for clamp/add, e.g. --steer 812:clamp:2")
@@ -70,6 +77,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_features(interventions, pack)
     sinks: list[Any] = []
     server = None
+    provider = None
+    if args.otlp_text and not args.otlp:
+        from ._common import CLIError
+
+        raise CLIError("--otlp-text puts alert text in the exported events: give --otlp too")
+    if args.otlp:
+        provider = _otlp(args, pack, sinks)
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry
 
@@ -86,7 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("\n" + alert_line(alert, color=color), flush=True)
 
     try:
-        monitor = build_monitor(args, pack, sinks=sinks, on_alert=live)
+        shadow = None if args.shadow is None else True if args.shadow == "all" else args.shadow
+        monitor = build_monitor(args, pack, sinks=sinks, on_alert=live, shadow=shadow)
         try:
             hp = monitor.hookpoints[0]
             for prompt in prompts:
@@ -102,7 +117,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
     return 0
+
+
+def _otlp(args: argparse.Namespace, pack: Any, sinks: list[Any]) -> Any:
+    """The OTLP tracer provider and the OpenTelemetry sink (appended to ``sinks``), or a CLIError naming the extra."""
+    import os
+
+    from ._common import CLIError
+
+    try:
+        from ..otel import OpenTelemetrySink, otlp_tracer_provider
+    except ImportError as exc:
+        raise CLIError(f"--otlp: {exc}") from None
+    provider = otlp_tracer_provider(service_name="featurewatch-run")
+    sinks.append(OpenTelemetrySink(tracer_provider=provider, pack=pack, include_text=args.otlp_text))
+    endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or "http://localhost:4318 (the default)")
+    print(f"exporting traces over OTLP to {endpoint}", file=sys.stderr, flush=True)
+    return provider
 
 
 def _generate(monitor: Any, prompt: Any, *, max_new_tokens: int, top_features: int, streamer: Any,

@@ -16,13 +16,25 @@ Why it is built this way:
   the model's start and end, and a tracer files them under the model's run.
 * Stop sequences are cut in the decoded text (held back while the text could
   still become one), and stop the compute at the token that completes them.
+* Tools (:meth:`ChatFeatureWatch.bind_tools`, which ``create_agent`` calls) are described to the
+  model in the system message, Hermes/SmolLM2 style, and a reply's ``<tool_call>{"name": ...,
+  "arguments": {...}}</tool_call>`` blocks become the message's ``tool_calls``; tool results go
+  back as user turns (the chat template knows system, user and assistant only). Whether a model
+  writes such calls is the model's: the embedded 135M one does not.
+* A call may carry ``featurewatch={"shadow": [...], "hold": bool}`` (what
+  :class:`~.middleware.FeatureWatchMiddleware` binds): detectors whose ``block`` only marks
+  ``would_block`` in this call, and whether tokens are held back from ``on_llm_new_token`` until
+  the call ends (so a blocked call streams nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import queue
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -37,9 +49,10 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage, UsageMetadata
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage, UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from ...alert import Alert
@@ -47,6 +60,56 @@ from ...generation import GenerationResult, render_prompt
 from .common import ALERT_EVENT, router_for, run_metadata, to_chat
 
 _RUN_KWARG = "featurewatch_run"  # carries the run id from stream()/astream() down to _stream()/_astream()
+_CALL_KWARG = "featurewatch"  # per-call settings: {"shadow": [detector, ...], "hold": bool}
+_NOT_FOR_GENERATE = {"stream", "model", _CALL_KWARG, "tools", "tool_choice", "parallel_tool_calls",
+                     "ls_structured_output_format"}
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def _tool_prompt(tools: Sequence[dict[str, Any]]) -> str:
+    lines = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    return ("You may call these tools:\n<tools>\n" + lines + "\n</tools>\nTo call a tool, reply with only "
+            '<tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>.')
+
+
+def _with_tools(prompt: list[dict[str, str]], tools: Sequence[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """The chat with the tools described in its system message (one is added when there is none)."""
+    if not tools:
+        return prompt
+    text = _tool_prompt(tools)
+    if prompt and prompt[0]["role"] == "system":
+        return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + text}, *prompt[1:]]
+    return [{"role": "system", "content": text}, *prompt]
+
+
+def _agent_messages(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """An agent's messages in roles the chat template knows: a tool result as a user turn, a tool call as
+    the ``<tool_call>`` text the model would have written."""
+    out: list[BaseMessage] = []
+    for m in messages:
+        if isinstance(m, ToolMessage):
+            out.append(HumanMessage(f'<tool_response name="{m.name or ""}">\n{m.text}\n</tool_response>'))
+        elif isinstance(m, AIMessage) and m.tool_calls:
+            calls = "".join(f"<tool_call>{json.dumps({'name': c['name'], 'arguments': c['args']})}</tool_call>"
+                            for c in m.tool_calls)
+            out.append(AIMessage(m.text + calls if calls not in m.text else m.text))
+        else:
+            out.append(m)
+    return out
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """The ``<tool_call>{"name", "arguments"}</tool_call>`` blocks of a reply, as tool-call chunks."""
+    calls = []
+    for i, match in enumerate(_TOOL_CALL.finditer(text)):
+        try:
+            call = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            calls.append({"name": call["name"], "args": json.dumps(call.get("arguments") or {}),
+                          "id": f"call_{uuid.uuid4().hex[:12]}", "index": i, "type": "tool_call_chunk"})
+    return calls
 Event = tuple[str, Any]  # ("text", str) | ("alert", Alert) | ("done", (GenerationResult, int)) | ("error", exc)
 
 
@@ -143,6 +206,13 @@ class ChatFeatureWatch(BaseChatModel):
     def _llm_type(self) -> str:
         return "featurewatch"
 
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Describe ``tools`` to the model in each call's system message; ``<tool_call>`` blocks in the reply
+        become ``tool_calls`` (see the module docstring). ``tool_choice`` is accepted and not enforced."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        return self.bind(tools=formatted, **({"tool_choice": tool_choice} if tool_choice else {}), **kwargs)
+
     @property
     def name_of_model(self) -> str:
         return self.model_name or getattr(self.monitor, "model_name", "") or "featurewatch"
@@ -215,10 +285,11 @@ class ChatFeatureWatch(BaseChatModel):
                put: Callable[[Event], None], kwargs: dict[str, Any]) -> threading.Event:
         """Start generating in a worker thread; set the returned event to stop it early."""
         monitor = self.monitor
-        prompt = to_chat(messages)
+        prompt = _with_tools(to_chat(_agent_messages(messages)), kwargs.get("tools"))
+        shadow = list((kwargs.get(_CALL_KWARG) or {}).get("shadow") or ())
         stream = _TextStream(monitor.tokenizer, [*(self.stop or []), *(stop or [])], lambda t: put(("text", t)))
         cancelled = threading.Event()
-        gen = {**self.generate_kwargs, **{k: v for k, v in kwargs.items() if k not in ("stream", "model")}}
+        gen = {**self.generate_kwargs, **{k: v for k, v in kwargs.items() if k not in _NOT_FOR_GENERATE}}
         if self.temperature:
             gen.setdefault("do_sample", True)
             gen.setdefault("temperature", self.temperature)
@@ -230,14 +301,16 @@ class ChatFeatureWatch(BaseChatModel):
             try:
                 n_prompt = len(render_prompt(prompt, monitor.tokenizer).ids)
                 result = monitor.generate(prompt, max_new_tokens=max_new, run_id=run_id, streamer=stream,
-                                          stopping_criteria=[_Until(stream, cancelled)], **gen)
+                                          stopping_criteria=[_Until(stream, cancelled)], shadow=shadow, **gen)
                 put(("done", (result, n_prompt, stream.stopped)))
             except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread, raised there
                 put(("error", exc))
             finally:
                 router.forget(run_id)
 
-        threading.Thread(target=work, name=f"featurewatch-{run_id[:8]}", daemon=True).start()
+        # the caller's context goes along (an open OpenTelemetry span: featurewatch.otel enriches it)
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), name=f"featurewatch-{run_id[:8]}",
+                         daemon=True).start()
         return cancelled
 
     def _events(self, messages: list[BaseMessage], stop: list[str] | None, run_id: str,
@@ -294,7 +367,9 @@ class ChatFeatureWatch(BaseChatModel):
         if kind == "text":
             return ChatGenerationChunk(message=AIMessageChunk(content=payload))
         usage, meta = self._metadata(payload)
+        calls = parse_tool_calls(payload[0].text)
         return ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta,
+                                                          tool_call_chunks=calls,  # type: ignore[arg-type]
                                                           chunk_position="last"))
 
     def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None,
@@ -332,14 +407,14 @@ class ChatFeatureWatch(BaseChatModel):
     # callbacks only where LangChain would (a streaming handler, or streaming=True)
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=False,
-                                                                          run_manager=run_manager)
+        tokens = run_manager is not None and not _hold(kwargs) and BaseChatModel._should_stream(
+            self, async_api=False, run_manager=run_manager)
         return generate_from_stream(self._chunks(messages, stop, run_manager, kwargs, tokens=tokens))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        tokens = run_manager is not None and BaseChatModel._should_stream(self, async_api=True,
-                                                                          run_manager=run_manager)
+        tokens = run_manager is not None and not _hold(kwargs) and BaseChatModel._should_stream(
+            self, async_api=True, run_manager=run_manager)
         return await agenerate_from_stream(self._achunks(messages, stop, run_manager, kwargs, tokens=tokens))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -351,3 +426,8 @@ class ChatFeatureWatch(BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         async for chunk in self._achunks(messages, stop, run_manager, kwargs, tokens=True):
             yield chunk
+
+
+def _hold(kwargs: dict[str, Any]) -> bool:
+    """The call asked for its tokens to be held back from token callbacks until it ends."""
+    return bool((kwargs.get(_CALL_KWARG) or {}).get("hold"))

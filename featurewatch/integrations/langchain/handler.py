@@ -50,7 +50,7 @@ from langchain_core.messages import BaseMessage
 
 from ...alert import Alert, RunResult
 from ...errors import ConfigError, GenerationBlocked
-from ...generation import GenerationResult, StopBlocked, blocked_error, generation_results
+from ...generation import GenerationResult, StopBlocked, blocked_error, count_generated, generation_results
 from ...records import Rendered, render_chat, render_text
 from ...session import Session, current_session
 from .common import PerMonitor, router_for, to_chat
@@ -173,6 +173,7 @@ class _Binder:
         try:
             with session:
                 out = original(*args, **kwargs)
+                count_generated(session, out, width, self.monitor.tokenizer)
             sequences = out.sequences if hasattr(out, "sequences") else out
             results = generation_results(session, rows, sequences, width, self.monitor.tokenizer)
             for hit in claims:
@@ -192,7 +193,7 @@ class _Binder:
 def _withhold(response: Any, run: _Run) -> None:
     """Empty a blocked batch input's generation (the same objects the batch returns), saying why."""
     assert isinstance(run.session, Session)
-    alert = next(a for a in run.session.rows[run.row].alerts if a.action == "block")
+    alert = next(a for a in run.session.rows[run.row].alerts if a.action == "block" and not a.would_block)
     note = {"run_id": run.run_id, "outcome": "blocked", "detector": alert.detector, "phase": alert.phase}
     for generations in getattr(response, "generations", []):
         for gen in generations:

@@ -32,6 +32,7 @@ from typing import Any
 from ...alert import Alert, RunResult
 from ...errors import ConfigError
 from ...pack import DEFAULT_PACK, load_pack, resolve_pack_path
+from ...runbook import shadow_set
 from ...sinks import Fanout, Sink
 from .options import DETECTORS_KEY, OFF_KEY, RequestPolicy, safe_run_id
 
@@ -40,11 +41,12 @@ __all__ = ["DETECTORS_KEY", "OFF_KEY", "VLLMMonitor", "attach"]
 _INSTALL_HINT = "featurewatch's vLLM integration needs vLLM: bash .ci/setup-vllm.sh (creates .venv-vllm)"
 
 
-def _rpc_attach(worker: Any, pack: str, detectors: list[str] | None, capture_text: bool, fail_closed: bool) -> Any:
+def _rpc_attach(worker: Any, pack: str, detectors: list[str] | None, capture_text: bool, fail_closed: bool,
+                shadow: bool | list[str] | None = None) -> Any:
     from .install import install
 
     monitor = install(worker.model_runner, pack=pack, detectors=detectors, capture_text=capture_text,
-                      fail_closed=fail_closed, keep_events=True, after_start=True)
+                      fail_closed=fail_closed, keep_events=True, after_start=True, shadow=shadow)
     if monitor is not None:
         # the caller of attach() owns the LLM (operator and client at once): every request option is honoured
         monitor.request_policy = RequestPolicy(allow=True, optional=tuple(d.name for d in monitor.detectors))
@@ -138,14 +140,16 @@ class VLLMMonitor:
 
 def attach(llm: Any, *, pack: str | Path = DEFAULT_PACK, detectors: Sequence[str] | None = None,
            sinks: Sequence[Sink] = (), on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] = (),
-           capture_text: bool = True, fail_closed: bool = False) -> VLLMMonitor:
+           capture_text: bool = True, fail_closed: bool = False,
+           shadow: bool | Sequence[str] | None = None) -> VLLMMonitor:
     """Monitor every request of ``llm`` (a ``vllm.LLM``) with a pack's detectors; see the module docstring.
 
     The LLM needs ``enable_prefix_caching=False``, and either ``enforce_eager=True`` or
     ``FEATUREWATCH_PACK`` set before it was created (so its layers were tapped before
     compilation). With vLLM's engine in another process (the default), the attach call
     crosses it as a function: set ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``, or run the engine
-    in-process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``.
+    in-process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``. ``shadow``: ``block`` detectors that only
+    alert ``would_block`` (True: all; default: the pack's ``shadow``).
     """
     try:
         from vllm import envs
@@ -158,9 +162,12 @@ def attach(llm: Any, *, pack: str | Path = DEFAULT_PACK, detectors: Sequence[str
                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 to run the engine in this process) before creating "
                           "the LLM")
     path = str(resolve_pack_path(pack))
-    load_pack(path).select(list(detectors) if detectors is not None else None)  # fail here, not in the worker
+    selected = load_pack(path).select(list(detectors) if detectors is not None else None)  # fail here, not in
+    if shadow is not None:                                                                  # the worker
+        shadow_set(shadow, selected)
+    switch = shadow if isinstance(shadow, (bool, type(None))) else list(shadow)
     infos = [i for i in llm.collective_rpc(_rpc_attach, args=(path, list(detectors) if detectors else None,
-                                                               capture_text, fail_closed)) if i]
+                                                               capture_text, fail_closed, switch)) if i]
     if not infos:
         raise ConfigError("no vLLM worker took the monitor (no rank holds the watched layers)")
     callbacks = [on_alert] if callable(on_alert) else list(on_alert)

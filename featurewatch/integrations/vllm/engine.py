@@ -38,7 +38,7 @@ from ...errors import ConfigError
 from ...markup import ChatMarkup
 from ...pack import Pack
 from ...readout import Readout, build_readouts
-from ...runbook import RunBook
+from ...runbook import RunBook, ShadowSwitch, pack_shadow, shadow_set
 from ...session import FeatureTotals, RunState
 from ...sinks import Fanout, Sink
 from .batch import Scheduled, step_tokens
@@ -76,10 +76,13 @@ class EngineMonitor:
                  detectors: Sequence[str] | None = None, sinks: Sequence[Sink] = (), model_name: str = "",
                  capture_text: bool = True, fail_closed: bool = False, keep_events: bool = False,
                  external_id: Callable[[str], str] = lambda rid: rid, keep_results: int = 4096,
-                 clock: Callable[[], float] = time.time, request_policy: RequestPolicy = SERVER_DEFAULT
-                 ) -> None:
+                 clock: Callable[[], float] = time.time, request_policy: RequestPolicy = SERVER_DEFAULT,
+                 shadow: ShadowSwitch = None) -> None:
         self.pack = pack
         self.detectors = pack.select(list(detectors) if detectors is not None else None)
+        self.shadow = shadow_set(shadow, self.detectors, where="FEATUREWATCH_SHADOW") if shadow is not None \
+            else pack_shadow(pack, self.detectors)
+        """Detectors whose ``block`` runs in shadow mode (alerts ``would_block``; the request goes on)."""
         self.readouts: list[Readout] = build_readouts(model, self.detectors, pack.saes, pack=pack)
         self.by_layer = {r.layer: r for r in self.readouts}
         self.tokenizer = tokenizer
@@ -91,7 +94,7 @@ class EngineMonitor:
         # kept events: each alert as it is delivered (callbacks come before sinks), each result as it ends
         self.fanout = Fanout(sinks, [self._keep] if keep_events else [], fail_closed=fail_closed)
         self.book = RunBook(self.fanout, model_name=self.model_name, clock=clock,
-                            tokenizer=tokenizer if capture_text else None, labels=pack.label)
+                            tokenizer=tokenizer if capture_text else None, labels=pack.label, shadow=self.shadow)
         self.external_id = external_id
         self.clock = clock
         self.results: OrderedDict[str, RunResult] = OrderedDict()
@@ -286,7 +289,7 @@ class EngineMonitor:
     # ------------------------------------------------------------------ alerts
     def _fire(self, run: RunState, firing: Firing) -> None:
         """The run book's firing; a blocked request also gets the stop reason vLLM's scheduler hands it."""
-        self.book.fire(run, firing)
+        alert = self.book.fire(run, firing)
         rid = self._req_of.get(id(run))
-        if firing.spec.action == "block" and run.blocked and rid is not None:
+        if firing.spec.action == "block" and not alert.would_block and run.blocked and rid is not None:
             self.blocked[rid] = BLOCK_REASON.format(detector=firing.spec.name)

@@ -10,6 +10,7 @@ from typing import Any
 from ...errors import ConfigError
 from ...models import decoder_layers
 from ...pack import Pack, load_pack
+from ...runbook import ShadowSwitch
 from ...sinks import Sink
 from .engine import EngineMonitor
 from .options import SERVER_DEFAULT, RequestPolicy
@@ -30,7 +31,7 @@ def external_id(req_id: str) -> str:
 def install(runner: Any, *, pack: Pack | str | Path, detectors: Sequence[str] | None = None,
             sinks: Sequence[Sink] = (), capture_text: bool = True, fail_closed: bool = False,
             keep_events: bool = False, model_name: str | None = None, after_start: bool = False,
-            request_policy: RequestPolicy = SERVER_DEFAULT) -> EngineMonitor | None:
+            request_policy: RequestPolicy = SERVER_DEFAULT, shadow: ShadowSwitch = None) -> EngineMonitor | None:
     """Monitor ``runner``'s requests in this process; None on ranks that do not read (TP rank > 0, other stages).
 
     ``after_start``: the engine already ran (``attach``): layers not tapped at load time can
@@ -55,7 +56,7 @@ def install(runner: Any, *, pack: Pack | str | Path, detectors: Sequence[str] | 
     monitor = EngineMonitor(runner.model, tokenizer, pack=load_pack(pack) if not isinstance(pack, Pack) else pack,
                             detectors=detectors, sinks=sinks, model_name=name, capture_text=capture_text,
                             fail_closed=fail_closed, keep_events=keep_events, external_id=external_id,
-                            request_policy=request_policy)
+                            request_policy=request_policy, shadow=shadow)
     layers = decoder_layers(runner.model)
     here = [i for i in monitor.layers if not is_missing(layers[i])]
     if not here:

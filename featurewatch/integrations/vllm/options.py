@@ -61,6 +61,17 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return default if not raw.strip() else parse_bool(raw, name)
 
 
+def shadow_switch(raw: str) -> bool | tuple[str, ...] | None:
+    """``FEATUREWATCH_SHADOW``: unset/empty → None (the pack decides), a boolean word → all or none,
+    anything else → detector names, comma-separated (checked against the detectors at start-up)."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if raw.lower() in _TRUE or raw.lower() in _FALSE:
+        return parse_bool(raw, "FEATUREWATCH_SHADOW")
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
 @dataclass(frozen=True)
 class RequestPolicy:
     """What a request's ``extra_args`` may change (the operator's choice)."""

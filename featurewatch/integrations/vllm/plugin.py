@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .options import RequestPolicy, env_flag
+from .options import RequestPolicy, env_flag, shadow_switch
 
 if TYPE_CHECKING:
     from ...sinks import Sink
@@ -59,6 +59,9 @@ class PluginConfig:
     """``FEATUREWATCH_ALLOW_REQUEST_OPTIONS=1``: honour ``featurewatch_off``/``featurewatch_detectors`` in requests."""
     optional_detectors: tuple[str, ...] | None = None
     """``FEATUREWATCH_OPTIONAL_DETECTORS``: the detectors a request may leave out (default: the non-``block`` ones)."""
+    shadow: bool | tuple[str, ...] | None = None
+    """``FEATUREWATCH_SHADOW``: ``block`` detectors in shadow mode (``1``: all, or comma-separated names; ``0``:
+    none): they alert with ``would_block`` and the request goes on. Unset: the pack's ``shadow``."""
 
     @property
     def request_policy(self) -> RequestPolicy:
@@ -79,14 +82,18 @@ class PluginConfig:
                    model_name=env.get("FEATUREWATCH_MODEL_NAME") or None,
                    allow_request_options=env_flag(env, "FEATUREWATCH_ALLOW_REQUEST_OPTIONS", False),
                    optional_detectors=None if optional is None else
-                   tuple(n.strip() for n in optional.split(",") if n.strip()))
+                   tuple(n.strip() for n in optional.split(",") if n.strip()),
+                   shadow=shadow_switch(env.get("FEATUREWATCH_SHADOW", "")))
 
     def validate(self) -> None:
         """Load the pack, select the detectors, open the alert log: raise :class:`ConfigError` naming the fix."""
         from ...errors import ConfigError
         from ...pack import load_pack
+        from ...runbook import shadow_set
 
         selected = load_pack(self.pack).select(list(self.detectors) if self.detectors else None)
+        if self.shadow is not None:
+            shadow_set(self.shadow, selected, where="FEATUREWATCH_SHADOW")
         unknown = sorted(set(self.optional_detectors or ()) - {d.name for d in selected})
         if unknown:
             raise ConfigError(f"FEATUREWATCH_OPTIONAL_DETECTORS names detectors this server does not run "
@@ -129,7 +136,7 @@ def _patch_load_model(cls: type, config: PluginConfig) -> None:
 
         install(self, pack=config.pack, detectors=config.detectors, sinks=_sinks(config),
                 capture_text=config.alert_text, fail_closed=config.fail_closed, model_name=config.model_name,
-                request_policy=config.request_policy)
+                request_policy=config.request_policy, shadow=config.shadow)
         return out
 
     cls.load_model = _load_model  # type: ignore[attr-defined]
