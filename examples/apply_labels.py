@@ -5,8 +5,10 @@ it (``examples/feature_contexts.py`` gathers the contexts); they live in example
 under the SAE's fingerprint and are applied only to that SAE (feature ids mean nothing across
 dictionaries). ``--merge F.json`` adds a batch of new labels ({id: label}) to that file first.
 
-Usage: python examples/apply_labels.py PACK [--merge labels.json ...] [--trim]
-  --trim   keep every top context for the features a detector reads, two for the rest (features.json size)
+Usage: python examples/apply_labels.py PACK [--merge labels.json ...] [--contexts contexts.json ...] [--trim]
+  --contexts  top contexts the labels were written from (examples/feature_contexts.py): they become the
+              feature's top_contexts where features.json holds fewer than three
+  --trim      keep every top context for the features a detector reads or cites, two for the rest
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pack")
     ap.add_argument("--merge", action="append", default=[])
+    ap.add_argument("--contexts", action="append", default=[])
     ap.add_argument("--trim", action="store_true")
     args = ap.parse_args()
     from featurewatch.sae import SparseAutoencoder
@@ -55,6 +58,12 @@ def main() -> int:
     for f in features[hp]:
         if f["id"] in labels:
             f["label"] = labels[f["id"]]
+    gathered: dict[int, list[str]] = {}
+    for path in args.contexts:
+        gathered.update({int(k): v for k, v in json.loads(Path(path).read_text()).items() if v})
+    for f in features[hp]:
+        if len(f.get("top_contexts", [])) < 3 and f["id"] in gathered:
+            f["top_contexts"] = gathered[f["id"]][:5]
     specs = [p for p in pack.glob("*.json") if p.name not in ("pack.json", "features.json")]
     used: set[int] = set()
     for path in specs:

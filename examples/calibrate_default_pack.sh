@@ -25,7 +25,7 @@ wanted() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 POOLS=(--negatives "$HW/handwritten_smalltalk.jsonl" --negatives "$DATA/corpus/chat_train.jsonl"
        --negatives "$HW/writing_replies_fit.jsonl"
        --max-per-group 60 --max-per-group chat_train.jsonl=10 --max-per-group handwritten_smalltalk.jsonl=200)
-COMMON=(--pack "$PACK" --group-by source --max-tokens 160 --max-features 32 --target-fpr 0.02
+COMMON=(--pack "$PACK" --group-by source --max-tokens 160 --max-features 32 --target-fpr ${TARGET_FPR:-0.02}
         --cache "$OUT/acts")
 if [ -n "${BASELINE:-}" ]; then COMMON+=(--baseline "$BASELINE"); fi  # e.g. the pack as it was, to compare
 MAILWRAP=plain,quoted,reply

@@ -63,16 +63,7 @@ def test_the_same_text_in_three_wrappers_scores_alike(monitor: Monitor, detector
     assert max(scores) - min(scores) <= 4.0 + 0.5 * abs(spec.threshold), scores
 
 
-BORDERLINE = ("known miss: these scores agree within 1.0–1.7 logits across wrappers, but they straddle the "
-              "thresholds (scam: plain 2.15 and quoted 2.49 under the prompt threshold, the reply 3.19 over the "
-              "completion one; harm: plain 3.52 and quoted 2.18 under 3.61, the reply 3.84 over 1.86), so the reply "
-              "alerts and the document does not (benchmarks/RESULTS.md: recall 0.39–0.60 at these thresholds)")
-
-
-@pytest.mark.parametrize("detector,text", [
-    pytest.param("scam-email", SCAM, marks=pytest.mark.xfail(strict=True, reason=BORDERLINE)),
-    pytest.param("dangerous-content", HARM, marks=pytest.mark.xfail(strict=True, reason=BORDERLINE)),
-])
+@pytest.mark.parametrize("detector,text", [("scam-email", SCAM), ("dangerous-content", HARM)])
 def test_the_same_text_in_three_wrappers_gets_one_verdict(monitor: Monitor, detector: str, text: str) -> None:
     wrapped, runs = _wrapped_runs(monitor, text)
     verdicts = {any(a.detector == detector and a.phase == _content_phase(rec) for a in run.alerts)
