@@ -17,6 +17,7 @@ from featurewatch.alert import Alert, RunResult
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.monitor import Monitor
 from featurewatch.sae import SparseAutoencoder
+from featurewatch.sinks import BaseSink
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -301,3 +302,30 @@ def tiny_lm_dir(tmp_path_factory: Any) -> Any:
 def tiny_lm_pack(tmp_path_factory: Any) -> Any:
     """A pack for :func:`tiny_lm_dir`: a hand-seeded SAE at layers.1 and the ``demo`` detector."""
     return make_pack(tmp_path_factory.mktemp("tiny-pack") / "pack", d_in=16, d_sae=8, hookpoint="layers.1")
+
+
+class RecordingSink(BaseSink):
+    """A sink that keeps every alert and every run result it is given (tests read them back)."""
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.results: list[RunResult] = []
+
+    def on_alert(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+
+    def on_run_end(self, result: RunResult) -> None:
+        self.results.append(result)
+
+
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """``featurewatch ARGV`` in-process: (exit code, stdout, stderr); a traceback is a failure."""
+    from featurewatch.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_markup import REQUEST, TYPED
 
+from conftest import RecordingSink
 from featurewatch import Monitor
-from featurewatch.alert import MARKUP_INJECTION, Alert, RunResult
+from featurewatch.alert import MARKUP_INJECTION, Alert
 from featurewatch.records import markup_ids, parse_record
-from featurewatch.sinks import BaseSink
 
 CASES = list(TYPED)
 
@@ -140,16 +140,7 @@ def test_a_well_formed_raw_chat_reports_nothing(monitor: Monitor, tiny: Any) -> 
     assert not _markup_alerts(session.result().alerts)
 
 
-class _Events(BaseSink):
-    def __init__(self) -> None:
-        self.alerts: list[Alert] = []
-        self.results: list[RunResult] = []
-
-    def on_alert(self, alert: Alert) -> None:
-        self.alerts.append(alert)
-
-    def on_run_end(self, result: RunResult) -> None:
-        self.results.append(result)
+_Events = RecordingSink
 
 
 @pytest.mark.parametrize("case", CASES)

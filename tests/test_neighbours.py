@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae, concept_pack
-from featurewatch.cli import main
+from conftest import build_sae, concept_pack, run_cli
 from featurewatch.neighbours import decoder_neighbours, projection
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -34,14 +33,7 @@ def labelled(tmp_path_factory: Any) -> Path:
     return path
 
 
-def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+run = run_cli
 
 
 # --------------------------------------------------------------------------- the library

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae, concept_pack
-from featurewatch.cli import main
+from conftest import RecordingSink, build_sae, concept_pack, run_cli
 from featurewatch.errors import ConfigError
 from featurewatch.intervention import STEER_LIMIT, Intervention, compile_steering
 
@@ -29,14 +28,7 @@ def pack(tmp_path_factory: Any) -> Path:
     return concept_pack(tmp_path_factory.mktemp("small") / "pack")  # an SAE at layers.1
 
 
-def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+run = run_cli
 
 
 # ---------------------------------------------------------------- (b) inspect --corpus
@@ -98,21 +90,9 @@ def test_inspect_map_bounds_neighbours_before_any_work(pack: Path, tmp_path: Pat
 def test_two_concurrent_vllm_requests_with_one_request_id_get_distinct_run_ids(tiny_llama: Any, tmp_path: Path
                                                                                ) -> None:
     from conftest import TinyTokenizer, make_pack
-    from featurewatch.alert import Alert, RunResult
     from featurewatch.integrations.vllm.engine import EngineMonitor
     from featurewatch.pack import load_pack
-    from featurewatch.sinks import BaseSink
-
-    class Events(BaseSink):
-        def __init__(self) -> None:
-            self.alerts: list[Alert] = []
-            self.results: list[RunResult] = []
-
-        def on_alert(self, alert: Alert) -> None:
-            self.alerts.append(alert)
-
-        def on_run_end(self, result: RunResult) -> None:
-            self.results.append(result)
+    Events = RecordingSink
 
     detector = {"name": "demo", "description": "alerts", "kind": "sae", "hookpoint": "layers.1",
                 "features": [{"id": 1, "weight": 1.0}], "threshold": -1e6, "phases": ["prompt"],
