@@ -19,7 +19,8 @@ Why it is built this way:
 * **Alerts are events** named ``featurewatch.alert``, stamped with the alert's ``fired_at``:
   detector, phase, score, threshold, action, severity, ``would_block``, the token span
   ``[span_start, span_end)``, and the evidence as parallel arrays (feature ids, labels,
-  contributions). The span's text only with ``include_text=True``, as the alert log does.
+  contributions, shares), with ``unexplained`` / ``unexplained_share`` for a dense detector. The
+  span's text only with ``include_text=True``, as the alert log does.
 * **Configured the OpenTelemetry way.** The sink takes a tracer provider (default: the global
   one your app set up). :func:`otlp_tracer_provider` builds one that exports over OTLP as the
   standard variables say: ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
@@ -116,7 +117,13 @@ class OpenTelemetrySink(BaseSink):
             "featurewatch.evidence.features": [e.feature for e in alert.evidence],
             "featurewatch.evidence.labels": [e.label or "" for e in alert.evidence],
             "featurewatch.evidence.contributions": [e.contribution for e in alert.evidence],
+            # each feature's share of the score (NaN where unknown: OTel arrays hold one type, no null)
+            "featurewatch.evidence.shares": [e.share if e.share is not None else math.nan for e in alert.evidence],
         }
+        if alert.unexplained is not None:  # a dense detector explained in SAE features: what the listed ones leave
+            attributes["featurewatch.unexplained"] = alert.unexplained
+            if alert.unexplained_share is not None:
+                attributes["featurewatch.unexplained_share"] = alert.unexplained_share
         if self.include_text and alert.text is not None:
             attributes["featurewatch.text"] = alert.text
         span.add_event(ALERT_EVENT, attributes, timestamp=_ns(alert.fired_at))

@@ -6,6 +6,7 @@ back through its own REST API), from the library and from ``featurewatch run --o
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -77,6 +78,8 @@ def test_a_run_is_a_genai_span_and_each_alert_an_event_at_its_time(tiny_monitor:
         assert (e["featurewatch.span_start"], e["featurewatch.span_end"]) == alert.span
         assert list(e["featurewatch.evidence.features"]) == [ev.feature for ev in alert.evidence]
         assert list(e["featurewatch.evidence.labels"]) == [ev.label or "" for ev in alert.evidence]
+        assert list(e["featurewatch.evidence.shares"]) == pytest.approx([ev.share for ev in alert.evidence])
+        assert "featurewatch.unexplained" not in e  # an SAE readout explains itself whole
         assert "featurewatch.text" not in e  # text only when asked for, as the alert log
     assert [e.attributes["featurewatch.would_block"] for e in events] == [False, True]
     assert "three" in events[0].attributes["featurewatch.evidence.labels"] or not fired[0].evidence
@@ -249,3 +252,21 @@ def test_featurewatch_run_otlp_as_the_readme_shows(phoenix: str, tmp_path: Path)
     events = [e["attributes"] for e in span["events"] if e["name"] == ALERT_EVENT]
     assert [e["featurewatch.detector"] for e in events] == [a["detector"] for a in run["alerts"]]
     assert events and events[0]["featurewatch.detector"] == "scam-email"
+
+
+def test_a_dense_detectors_alert_carries_its_unexplained_part(spans: Any) -> None:
+    """A probe explained in SAE features: shares on the event, and what the listed features leave out."""
+    from featurewatch.alert import Alert, FeatureEvidence
+
+    provider, exporter = spans
+    sink = OpenTelemetrySink(tracer_provider=provider)
+    alert = Alert(detector="probe", phase="prompt", score=3.0, threshold=1.0, run_id="r1", span=(0, 4),
+                  evidence=[FeatureEvidence(feature=7, label="seven", activation=1.0, contribution=1.5, share=0.4),
+                            FeatureEvidence(feature=9, activation=0.5, contribution=0.5)],
+                  unexplained=2.25, unexplained_share=0.6, started_at=1.0, fired_at=2.0)
+    with provider.get_tracer("t").start_as_current_span("app"):
+        sink.on_alert(alert)
+    [event] = [e for s in exporter.get_finished_spans() for e in s.events if e.name == ALERT_EVENT]
+    e = event.attributes
+    assert list(e["featurewatch.evidence.shares"])[0] == 0.4 and math.isnan(list(e["featurewatch.evidence.shares"])[1])
+    assert (e["featurewatch.unexplained"], e["featurewatch.unexplained_share"]) == (2.25, 0.6)
