@@ -1,7 +1,8 @@
 """Markdown tables from `featurewatch calibrate --group-by ... --report R.json [--baseline OLD_PACK]` reports.
 
 Per detector: the decisions side by side (in-split vs out-of-source), the baseline pack on the same
-records, and per left-out source the shipped decision's AUROC, recall and FPR next to the baseline's.
+records, and per left-out source, worst first, the shipped decision's AUROC, recall and FPR next to
+the baseline's.
 Sources the baseline pack was itself fitted on are marked † (its figure there is not out of source).
 
 Usage: python benchmarks/loso_tables.py runs/calibrate/scam-email.json [...] [--seen SRC,SRC]
@@ -54,7 +55,7 @@ def tables(report: dict, marks: tuple[str, ...]) -> str:
     out += ["", "| left-out source | pos | neg | AUROC | recall | FPR neg / hard / pool | v0.2.0 AUROC | v0.2.0 recall "
             "| v0.2.0 FPR neg / hard / pool |", "|---|---|---|---|---|---|---|---|---|"]
     pools = [g for g in chosen.values() if g["group"] not in report["groups"]]
-    for g in [chosen[k] for k in sorted(report["groups"])]:
+    for g in sorted((chosen[k] for k in report["groups"]), key=lambda g: (g.get("auroc") is None, g.get("auroc"))):
         o = old.get(g["group"], {})
         mark = " †" if seen(g["group"], marks) else ""
         fprs = " / ".join(f(g.get(k)) for k in ("fpr_neg", "fpr_hard_neg", "fpr_pool"))

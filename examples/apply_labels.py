@@ -14,19 +14,15 @@ Usage: python examples/apply_labels.py PACK [--merge labels.json ...] [--context
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recalibrate_fit import sae_key  # noqa: E402  (the fingerprint feature_labels.json is keyed by)
+
 LABELS = Path(__file__).resolve().parent / "feature_labels.json"
 FEW_CONTEXTS = 2
-
-
-def sae_key(sae) -> str:  # type: ignore[no-untyped-def]
-    """A fingerprint of an SAE's weights (its shape and a strided sample of its encoder)."""
-    w = sae.W_enc.detach().float().flatten()[::9973].numpy().tobytes()
-    return f"{tuple(sae.W_enc.shape)}-" + hashlib.sha256(w).hexdigest()[:16]
 
 
 def main() -> int:

@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--pack", default=None)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--width", type=int, default=12, help="tokens of context before the token")
+    ap.add_argument("--max-tokens", type=int, default=160,
+                    help="the --max-tokens the activations were extracted with (records are re-rendered alike)")
     args = ap.parse_args()
     from featurewatch.calibration.extract import TokenActs
     from featurewatch.models import load_tokenizer
@@ -57,15 +59,12 @@ def main() -> int:
         records = load_records(prepared)
         if acts.ids != [r.id for r in records]:
             continue
-        max_tokens = None
         norm_median = float(acts.acts.float().norm(dim=1).median())
         for i, rec in enumerate(records):
             start, end = int(acts.offsets[i]), int(acts.offsets[i + 1])
             if end == start:
                 continue
-            if max_tokens is None:  # the extraction's budget: infer from the file name's cache key is not
-                max_tokens = 160    # possible, so use the budget every default-pack file was read with
-            r = render(rec, tok, max_tokens=max_tokens)
+            r = render(rec, tok, max_tokens=args.max_tokens)
             ids = torch.tensor([r.ids])
             drop = excluded_positions(ids, torch.ones_like(ids), tok.all_special_ids)[0]
             keep = ~drop

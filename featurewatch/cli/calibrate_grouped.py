@@ -176,6 +176,7 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
             pooling=Pooling(method="mean", min_tokens=args.min_tokens, prior_score=round(thr.prior, 4),
                             prior_tokens=args.prior_tokens),
             action=args.action, severity=args.severity, calibration=calibration)
+        explained = None
         if kind == "sae":
             features = [FeatureWeight(id=f, weight=float(w), label=_label(pack, hp, f))
                         for f, w in sorted(zip(decision.features, decision.weights), key=lambda t: -abs(t[1]))]
@@ -194,10 +195,10 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
             spec = DetectorSpec(kind="probe", probe_weights=rel, evidence_offset=offset,
                                 evidence_features=[FeatureWeight(id=i, weight=float(w), label=_label(pack, hp, i))
                                                    for i, w in zip(ids, c)], **common)
-            common["explained"] = round(carried, 4)
+            explained = round(carried, 4)
         spec.save(out_dir / f"{name}.json")
         return {"file": str(out_dir / f"{name}.json"), "kind": kind, "thresholds": thr.phase, "prior": thr.prior,
-                "features": decision.features, "explained_share": common.get("explained"),
+                "features": decision.features, "explained_share": explained,
                 "excluded": decision.excluded}
 
     from ..calibration.loso import set_thresholds
