@@ -3,24 +3,20 @@
 Everything that can be wrong with the inputs (a missing file, a record without
 a label, a group field that is missing or not a string, an unknown wrapper, a
 ``--wrap`` that names no input) is found before the model loads. The fitting is
-:mod:`featurewatch.calibration.loso`; this module reads the options, prints the
+:mod:`featurewatch.calibration.job` (the road `build-pack` takes too); this module reads the options, prints the
 per-group report and writes the specs.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ._common import CLIError, check_input, check_output_dir, load_model, load_pack_checked, progress
 
-EVIDENCE_FEATURES = 64  # SAE features a dense decision is explained with (watched for evidence only)
 GAP = 0.05  # in-split vs out-of-source AUROC: a larger gap is said plainly
 
 
@@ -76,9 +72,10 @@ def _say(msg: str) -> None:
 def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     import re
 
-    from ..calibration.loso import DECISIONS, calibrate, explained_by
-    from ..calibration.sources import prepare, write_prepared
-    from ..detector import DETECTOR_NAME, Calibration, DetectorSpec, FeatureWeight, OutOfSource, Pooling
+    from ..calibration.job import DetectorJob, InputFile, fit_job, jsonable, prepare_job
+    from ..calibration.loso import DECISIONS
+    from ..calibration.sources import load_rows
+    from ..detector import DETECTOR_NAME
     from ..pack import resolve_pack_path
     from .calibrate import _watch
 
@@ -95,132 +92,42 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     wraps = _wraps(args.wrap, paths)
     caps = _caps("--max-per-group", args.max_per_group, paths)
     chars = _caps("--max-chars", args.max_chars, paths)
-    watch = _watch(args)
     on = tuple(k.strip() for k in args.threshold_on.split(",") if k.strip())
     if not on or set(on) - {"neg", "pool", "hard_neg"}:
         raise CLIError(f"--threshold-on {args.threshold_on!r}: a comma-separated subset of neg, pool, hard_neg")
-    kinds = list(DECISIONS) if args.kind in (None, "auto") else [args.kind]
     cache = check_output_dir(args.cache, "--cache") if args.cache else None
     if cache is None:
         raise CLIError("--cache '': --group-by keeps its prepared records and activations in the cache; give a "
                        "directory")
-    prepared: list[tuple[Path, list[dict[str, Any]]]] = []
-    for path in paths:
-        recs = prepare(path, group_by=args.group_by, negatives=path not in args.input,
-                       wrap_with=wraps.get(path, ()), max_per_group=caps[path], max_chars=chars[path])
-        prepared.append((write_prepared(recs, cache, Path(path).parent.name + "-" + Path(path).stem), recs))
-    own = [r for p, recs in zip(paths, prepared) if p in args.input for r in recs[1]]
-    labels = {int(r["label"]) for r in own}
-    if labels != {0, 1}:
-        raise CLIError(f"--input: the records are all label {labels.pop() if labels else '?'}; calibration needs "
-                       "positives and negatives")
-    groups = sorted({str(r["fw_group"]) for r in own})
-    if len(groups) < 2:
-        raise CLIError(f"--group-by {args.group_by}: the --input records hold one group ({groups[0]}); "
-                       "leaving one out needs at least two")
+    job = DetectorJob(
+        name=args.name, description=args.description, watch=_watch(args), group_by=args.group_by,
+        files=[InputFile(Path(p), negatives=p not in args.input, wrap=wraps.get(p, ()), max_per_group=caps[p],
+                         max_chars=chars[p]) for p in paths],
+        kinds=list(DECISIONS) if args.kind in (None, "auto") else [args.kind], target_fpr=args.target_fpr,
+        min_tokens=args.min_tokens, prior_tokens=args.prior_tokens, max_features=args.max_features,
+        max_tokens=args.max_tokens, threshold_on=on, severity=args.severity, action=args.action)
+    prep = prepare_job(job, cache)
     baseline = _baseline_pack(args)
     pack = load_pack_checked(args)
     out_dir = check_output_dir(args.out, "--out") if args.out else resolve_pack_path(args.pack or pack.path)
     hp = next(iter(pack.saes))
     sae = pack.saes[hp]
-    _say(f"{len(own)} labelled records in {len(groups)} groups by {args.group_by}; "
-         f"{sum(len(r) for p, (_, r) in zip(paths, prepared) if p not in args.input)} pool records")
+    _say(f"{prep.n_labelled} labelled records in {len(prep.groups)} groups by {args.group_by}; "
+         f"{prep.n_pool} pool records")
     loaded = load_model(args)
-    from ..calibration.sources import load_rows
-
-    rows = load_rows(prepared, model=loaded.model, tokenizer=loaded.tokenizer, model_name=loaded.name, sae=sae,
-                     hookpoint=hp, phases=watch, max_tokens=args.max_tokens, cache_dir=cache, progress=progress(),
+    rows = load_rows(prep.prepared, model=loaded.model, tokenizer=loaded.tokenizer, model_name=loaded.name, sae=sae,
+                     hookpoint=hp, phases=job.watch, max_tokens=args.max_tokens, cache_dir=cache, progress=progress(),
                      log=_say)
-    for ph in watch:
-        if not ((rows.phase == ph) & (rows.y == 0) & np.isin(rows.kind, list(on))).any():
-            raise CLIError(f"--watch {','.join(watch)}: no {'/'.join(on)} negative has {ph}-phase tokens to set its "
-                           f"threshold on; add records with a {ph} phase, --threshold-on more kinds, or watch fewer "
-                           "phases")
     infos = {i: info.model_dump() for i, info in pack.features.get(hp, {}).items()}
-    cal = calibrate(rows, watch, kinds=kinds, target_fpr=args.target_fpr, min_tokens=args.min_tokens,
-                    prior_tokens=args.prior_tokens, max_features=args.max_features, features_info=infos,
-                    threshold_kinds=on, progress=_say)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    today = dt.date.today().isoformat()
-    data = [f"{p} ({', '.join(sorted({str(r['fw_group']) for r in recs}))})" + ("" if p in args.input else
-                                                                                 " [negatives]")
-            for p, (_, recs) in zip(paths, prepared)]
-
-    def out_of_source(kind: str) -> OutOfSource:
-        res = cal.results[kind]
-        loso = res["loso"]
-        worst = min((r for r in loso["groups"] if r["group"] in groups and r.get("auroc") is not None),
-                    key=lambda r: r["auroc"], default=None)
-        return OutOfSource(
-            group_by=args.group_by, decision=kind,  # type: ignore[arg-type]
-            reason=cal.reason if kind == cal.chosen else f"variant measured beside {cal.chosen}",
-            auroc=loso["auroc"], worst_auroc=loso["worst_auroc"], worst_group=worst["group"] if worst else None,
-            in_split_auroc=res.get("in_split", {}).get("auroc"), recall=loso["recall"], fpr=loso["fpr"],
-            groups=loso["groups"],
-            compared={k: {"auroc": v["loso"]["auroc"], "worst_auroc": v["loso"]["worst_auroc"],
-                          "in_split_auroc": v.get("in_split", {}).get("auroc")} for k, v in cal.results.items()})
-
-    def write(name: str, kind: str, decision: Any, thr: Any) -> dict[str, Any]:
-        loso = cal.results[kind]["loso"]
-        calibration = Calibration(
-            data=data, target_fpr=args.target_fpr, auroc=loso["auroc"], tpr_at_fpr=loso["recall"], fpr=loso["fpr"],
-            n_pos=int((rows.y == 1).sum()), n_neg=int((rows.y == 0).sum()),
-            held_out=f"leave-one-{args.group_by}-out: each group scored by a fit without it (benign pools left "
-                     "out per file); thresholds at the target FPR on every negative of the phase",
-            date=today, notes=f"mean-pooled content tokens at {hp}; thresholds set on {thr.pool}",
-            out_of_source=out_of_source(kind))
-        common: dict[str, Any] = dict(
-            name=name, description=args.description or f"{args.name} ({kind})", hookpoint=hp, bias=decision.bias,
-            threshold=max(thr.phase.values()), phase_thresholds=thr.phase, phases=watch,
-            hysteresis=round(thr.hysteresis, 4),
-            pooling=Pooling(method="mean", min_tokens=args.min_tokens, prior_score=round(thr.prior, 4),
-                            prior_tokens=args.prior_tokens),
-            action=args.action, severity=args.severity, calibration=calibration)
-        explained = None
-        if kind == "sae":
-            features = [FeatureWeight(id=f, weight=float(w), label=_label(pack, hp, f))
-                        for f, w in sorted(zip(decision.features, decision.weights), key=lambda t: -abs(t[1]))]
-            spec = DetectorSpec(kind="sae", features=features, **common)
-        else:
-            import torch
-            from safetensors.torch import save_file
-
-            (out_dir / "probes").mkdir(exist_ok=True)
-            rel = f"probes/{name}.safetensors"
-            save_file({"weight": torch.tensor(decision.weights, dtype=torch.float32)}, str(out_dir / rel))
-            W_dec = sae.W_dec.detach().float().cpu().numpy()
-            b_dec = sae.b_dec.detach().float().cpu().numpy()
-            ids, c, offset, carried = explained_by(decision.weights, W_dec, b_dec, rows.feats[rows.y == 1],
-                                                   top=EVIDENCE_FEATURES)
-            spec = DetectorSpec(kind="probe", probe_weights=rel, evidence_offset=offset,
-                                evidence_features=[FeatureWeight(id=i, weight=float(w), label=_label(pack, hp, i))
-                                                   for i, w in zip(ids, c)], **common)
-            explained = round(carried, 4)
-        spec.save(out_dir / f"{name}.json")
-        return {"file": str(out_dir / f"{name}.json"), "kind": kind, "thresholds": thr.phase, "prior": thr.prior,
-                "features": decision.features, "explained_share": explained,
-                "excluded": decision.excluded}
-
-    from ..calibration.loso import set_thresholds
-
-    report: dict[str, Any] = {"detector": args.name, "hookpoint": hp, "group_by": args.group_by, "phases": watch,
-                              "chosen": cal.chosen, "reason": cal.reason, "groups": groups, "kinds": cal.results,
-                              "written": {}, "argv": sys.argv[1:]}
-    if baseline is not None:
-        report["baseline"] = _score_baseline(baseline, args.name, rows, sae)
-    report["written"][args.name] = write(args.name, cal.chosen, cal.decision, cal.thresholds)
-    if cal.chosen == "probe":  # the -probe variant (a judge for redteam, a column in eval) is the same decision
-        report["written"][args.name + "-probe"] = write(args.name + "-probe", "probe", cal.decision, cal.thresholds)
-    elif cal.probe is not None:
-        thr = set_thresholds(rows, np.nan_to_num(cal.oof["probe"], nan=-np.inf), watch, target_fpr=args.target_fpr,
-                             min_tokens=args.min_tokens, prior_tokens=args.prior_tokens, kinds=on)
-        report["written"][args.name + "-probe"] = write(args.name + "-probe", "probe", cal.probe, thr)
+    report = fit_job(prep, rows, sae=sae, hookpoint=hp, out_dir=out_dir, features_info=infos, baseline=baseline,
+                     progress=_say)
+    report["argv"] = sys.argv[1:]
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+        Path(args.report).write_text(json.dumps(report, indent=1, default=jsonable) + "\n")
     if args.json:
-        print(json.dumps(report, default=_jsonable))
+        print(json.dumps(report, default=jsonable))
         return 0
-    _print_report(report, args)
+    print_report(report)
     return 0
 
 
@@ -237,51 +144,8 @@ def _baseline_pack(args: argparse.Namespace) -> Any:
     return base
 
 
-def _score_baseline(base: Any, name: str, rows: Any, sae: Any) -> dict[str, Any]:
-    """The baseline pack's detector (and its -probe) on the same rows, as the runtime scores them, per group."""
-    from ..calibration.loso import Thresholds, fires_at, summary
-    from ..calibration.sources import sae_fingerprint
-
-    out: dict[str, Any] = {"pack": str(base.path)}
-    for spec_name in (name, name + "-probe"):
-        spec = base.detectors.get(spec_name)
-        if spec is None:
-            continue
-        if spec.kind == "sae":
-            base_sae = base.saes.get(spec.hookpoint)
-            if base_sae is None or sae_fingerprint(base_sae) != sae_fingerprint(sae):
-                out[spec_name] = {"error": "reads another SAE: its feature ids mean other features here"}
-                continue
-            ids = [f.id for f in spec.features]
-            raw = rows.feats[:, ids] @ np.array([f.weight for f in spec.features]) + spec.bias
-        else:
-            raw = rows.resid @ base.probe_weight(spec).numpy() + spec.bias
-        watched = np.isin(rows.phase, list(spec.phases))
-        raw = np.where(watched, raw, np.nan)
-        thr = Thresholds(spec.pooling.prior_score or 0.0, {p: spec.threshold_for(p) for p in spec.phases},
-                         spec.hysteresis, {})
-        k = spec.pooling.prior_tokens if spec.pooling.prior_score is not None else 0.0
-        fired = fires_at(rows, raw, thr, min_tokens=spec.pooling.min_tokens, prior_tokens=k)
-        res = summary(rows, raw, fired)
-        res["in_split_auroc"] = spec.calibration.auroc if spec.calibration else None
-        out[spec_name] = res
-    return out
-
-
-def _label(pack: Any, hp: str, feature: int) -> str | None:
-    info = pack.features.get(hp, {}).get(feature)
-    return info.label if info is not None and info.label else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
-
-
-def _print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+def print_report(report: dict[str, Any]) -> None:
+    """The per-group report a person reads (``calibrate --group-by`` and ``build-pack`` print it)."""
     from ..display import table
 
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
