@@ -36,7 +36,7 @@ from .models import normalize_hookpoint
 from .sae import SparseAutoencoder, check_feature_ids
 
 DEFAULT_PACK = "smollm2-135m-instruct"
-_RESERVED = {"pack.json", "features.json"}
+_RESERVED = {"pack.json", "features.json", "build.json"}  # build.json: what build-pack measured
 
 
 class PackManifest(BaseModel):

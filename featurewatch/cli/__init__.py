@@ -1,11 +1,12 @@
-"""The ``featurewatch`` command line: run, score, eval, explain, discover, calibrate, inspect, steer, redteam,
-train-sae, export-model, ui.
+"""The ``featurewatch`` command line: run, score, eval, explain, discover, calibrate, build-pack, inspect, steer,
+redteam, train-sae, export-model, ui.
 
 Output a person reads goes to stdout as text; ``--json`` switches to JSON for
 programs. Progress bars and notes go to stderr. Bad input exits with code 2
 and one line, ``featurewatch: error: <what is wrong and the fix>``; Ctrl-C
 exits with 130 and one line. Each command family is a module of this package
-(``run``, ``score``, ``inspect``, ``steer``, ``redteam``, ``train``, ``calibrate``, ``export``, ``ui``) with a
+(``run``, ``score``, ``inspect``, ``steer``, ``redteam``, ``train``, ``calibrate``, ``build_pack``, ``export``,
+``ui``) with a
 ``register(subparsers)``; shared option types and early checks are in
 ``_common``. Formats and the data flow: docs/architecture.md.
 """
@@ -21,11 +22,11 @@ import sys
 from typing import Sequence
 
 from ..errors import FeatureWatchError
-from . import calibrate, export, inspect, redteam, run, score, steer, train, ui
+from . import build_pack, calibrate, export, inspect, redteam, run, score, steer, train, ui
 
 __all__ = ["build_parser", "console", "main"]
 
-_COMMANDS = (run, score, calibrate, inspect, steer, redteam, train, export, ui)
+_COMMANDS = (run, score, calibrate, build_pack, inspect, steer, redteam, train, export, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
         return _interrupted()
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for reports that record their command
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

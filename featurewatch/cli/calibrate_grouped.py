@@ -121,7 +121,7 @@ def cmd_calibrate_grouped(args: argparse.Namespace) -> int:
     infos = {i: info.model_dump() for i, info in pack.features.get(hp, {}).items()}
     report = fit_job(prep, rows, sae=sae, hookpoint=hp, out_dir=out_dir, features_info=infos, baseline=baseline,
                      progress=_say)
-    report["argv"] = sys.argv[1:]
+    report["argv"] = args.argv
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1, default=jsonable) + "\n")
     if args.json:

@@ -15,13 +15,22 @@ def register(sub: Any) -> None:
     p = sub.add_parser("train-sae", help="train an SAE on a JSONL corpus (resumable)")
     p.add_argument("--corpus", required=True, action="append",
                    help="JSONL records to train on (5%% by id hash held out); repeat to train on several")
+    p.add_argument("--out", required=True, help="work directory (activation cache, checkpoint, SAE, report)")
+    p.add_argument("--model", help="hub id, local directory or .gguf file (default: the embedded model)")
+    add_train_options(p)
+    p.add_argument("--harvest-only", action="store_true",
+                   help="stop after caching the activations under --out (a later run without it trains)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_train_sae)
+
+
+def add_train_options(p: Any) -> None:
+    """The training options ``train-sae`` and ``build-pack --train-sae`` share (all but --corpus, --out, --model)."""
     p.add_argument("--mix", type=shares, help="each --corpus's share of --tokens, in order, e.g. 0.6,0.4 "
                    "(default: equal shares)")
     p.add_argument("--wrap-documents", type=float_range(0, 1), default=0.0,
                    help="fraction of documents (text records) put inside a chat: quoted by a user or "
                    "written as the assistant's reply (default 0)")
-    p.add_argument("--out", required=True, help="work directory (activation cache, checkpoint, SAE, report)")
-    p.add_argument("--model", help="hub id, local directory or .gguf file (default: the embedded model)")
     p.add_argument("--hookpoint", default="layers.15", help="where to read the residual stream (layers.N)")
     p.add_argument("--tokens", type=POSITIVE, default=1_200_000, help="training tokens to harvest")
     p.add_argument("--ctx", type=int_range(2), default=256, help="tokens per harvested context (>= 2)")
@@ -33,10 +42,6 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--eval-tokens", type=POSITIVE, default=60_000, help="held-out tokens for the report")
     p.add_argument("--ce-tokens", type=POSITIVE, default=16_000, help="held-out tokens for the CE-loss splice")
-    p.add_argument("--harvest-only", action="store_true",
-                   help="stop after caching the activations under --out (a later run without it trains)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_train_sae)
 
 
 def shares(value: str) -> list[float]:

@@ -1,0 +1,254 @@
+"""``featurewatch build-pack`` end to end on the tiny 2-layer Llama (seconds, no network).
+
+A pack is built from an SAE in each public layout featurewatch reads (SAELens /
+featurewatch, EleutherAI sparsify, Gemma Scope ``params.npz``) and from one trained
+here (``--train-sae``), then loaded the way users load the default pack: the
+``Monitor``, ``featurewatch score`` and ``featurewatch explain``. The numbers on a random
+2-layer model mean nothing; the road does: every stage runs and is timed, the card
+and ``build.json`` are written, ``--resume`` reuses what did not change, and each kind
+of bad input is one clear error before the long work (most before the model loads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from featurewatch.pack import load_pack
+from featurewatch.sae import SparseAutoencoder
+
+pytestmark = pytest.mark.slow
+
+D_IN, D_SAE = 16, 32
+SOURCES = ("alpha", "beta", "gamma")
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _weights(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D_IN, D_SAE, generator=g)
+    return W, torch.randn(D_SAE, generator=g) * 0.1
+
+
+def write_saelens(root: Path) -> Path:
+    W, b = _weights()
+    return SparseAutoencoder(W, W.T.clone(), b, torch.zeros(D_IN), hook_name="blocks.1.hook_resid_post").save(root)
+
+
+def write_sparsify(root: Path) -> Path:
+    """EleutherAI sparsify's layout: ``<hookpoint>/cfg.json`` + ``sae.safetensors`` (encoder as nn.Linear)."""
+    from safetensors.torch import save_file
+
+    W, b = _weights()
+    d = root / "layers.1"
+    d.mkdir(parents=True)
+    save_file({"encoder.weight": W.T.contiguous(), "encoder.bias": b, "W_dec": W.T.contiguous(),
+               "b_dec": torch.zeros(D_IN)}, str(d / "sae.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"k": 8, "num_latents": D_SAE, "d_in": D_IN}))
+    return d
+
+
+def write_gemma_scope(root: Path) -> Path:
+    """Gemma Scope's ``params.npz`` (JumpReLU; it does not say its layer: ``@layers.1`` does)."""
+    W, b = _weights()
+    root.mkdir(parents=True)
+    np.savez(root / "params.npz", W_enc=W.numpy(), W_dec=W.T.numpy(), b_enc=b.numpy(),
+             b_dec=np.zeros(D_IN, dtype=np.float32), threshold=np.full(D_SAE, 0.05, dtype=np.float32))
+    return root / "params.npz"
+
+
+LAYOUTS = {"saelens": (write_saelens, ""), "sparsify": (write_sparsify, ""), "gemma-scope": (write_gemma_scope,
+                                                                                               "@layers.1")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: Any) -> Path:
+    """Three sources of lures and ordinary notes, a pool of small talk, and a recipe over them."""
+    root = tmp_path_factory.mktemp("bp-data")
+    rows = []
+    for src in SOURCES:
+        for i in range(8):
+            bad = i % 2 == 0
+            rows.append({"id": f"{src}-{i}", "label": int(bad), "source": src, "messages": [
+                {"role": "user", "content": f"Please write message {i} for {src}."},
+                {"role": "assistant", "content": ("URGENT: your account is locked, send your password now" if bad
+                                                  else "Hi all, lunch is at noon on Friday, see you there")
+                 + f" ({src} {i})"}]})
+    _jsonl(root / "lure.jsonl", rows)
+    _jsonl(root / "pool.jsonl", [{"id": f"c{i}", "source": "chats", "messages": [
+        {"role": "user", "content": f"A name for cat {i}?"},
+        {"role": "assistant", "content": f"How about Biscuit {i}? Short and friendly."}]} for i in range(6)])
+    _jsonl(root / "all_neg.jsonl", [dict(r, label=0) for r in rows])
+    recipe = {"description": "Phishing lures, a test recipe.", "max_tokens": 48, "max_features": 4,
+              "pools": [{"file": "pool.jsonl"}, {"file": "not_here.jsonl", "optional": True}],
+              "licences": {"alpha": "CC0-1.0"},
+              "detectors": {"lure": {"description": "Phishing lures.", "watch": ["prompt", "completion"],
+                                     "min_tokens": 1, "severity": "warning", "inputs": [{"file": "lure.jsonl"}]}}}
+    (root / "recipe.json").write_text(json.dumps(recipe))
+    (root / "bad_recipe.json").write_text(json.dumps(dict(recipe, detectors={"lure": dict(
+        recipe["detectors"]["lure"], inputs=[{"file": "all_neg.jsonl"}])})))
+    return root
+
+
+def build(capsys: Any, tiny_lm_dir: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "build-pack", "--model", str(tiny_lm_dir), "--out", str(out), "--data", str(data),
+                   "--recipe", str(data / "recipe.json"), *extra)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_pack_built_on_each_public_sae_layout_loads_like_the_default(
+        layout: str, tiny_lm_dir: Path, data: Path, tmp_path: Path, capsys: Any) -> None:
+    write, at = LAYOUTS[layout]
+    sae_path = write(tmp_path / layout)
+    out = tmp_path / "pack"
+    code, stdout, err = build(capsys, tiny_lm_dir, data, out, "--sae", f"{sae_path}{at}")
+    assert code == 0, err
+    for i, stage in enumerate(("check", "sae", "activations", "features", "detectors", "card"), 1):
+        assert f"[{i}/6] {stage}:" in err and f"{stage} done in" in err  # every stage announced and timed
+    assert "skipped lure: not_here.jsonl (optional" in err  # said, not silently dropped
+    assert "leave-one-source-out over 3 groups" in stdout and "stage wall times:" in stdout
+
+    pack = load_pack(out)
+    assert set(pack.detectors) == {"lure", "lure-probe"} and list(pack.saes) == ["layers.1"]
+    original = SparseAutoencoder.load(sae_path)
+    x = torch.randn(5, D_IN)
+    torch.testing.assert_close(pack.saes["layers.1"].encode(x), original.encode(x))  # the same SAE, converted
+    assert pack.manifest.default_detectors == ["lure"]
+    spec = pack.detectors["lure"]
+    assert spec.calibration is not None and spec.calibration.out_of_source is not None
+    assert {g["group"] for g in spec.calibration.out_of_source.groups} >= set(SOURCES)
+    assert set(spec.phase_thresholds or {}) == {"prompt", "completion"}
+
+    build_json = json.loads((out / "build.json").read_text())
+    assert set(build_json["stages"]) == {"check", "sae", "activations", "features", "detectors", "card", "total"}
+    assert build_json["argv"][:2] == ["--model", str(tiny_lm_dir)]
+    card = (out / "README.md").read_text()
+    for heading in ("## Model and SAE", "## Data", "## Detectors", "### lure", "## Known gaps", "## How it was built"):
+        assert heading in card
+    assert "| alpha | lure.jsonl | 8 | CC0-1.0 |" in card  # sources with their licences
+    assert "not_here.jsonl" in card.split("## Known gaps")[1]  # the optional file it lacked is a known gap
+    assert "SAE quality" in card and "explained variance" in card  # measured on the calibration text
+    features = json.loads((out / "features.json").read_text())["layers.1"]
+    assert len(features) == D_SAE and any(f["top_contexts"] for f in features)
+    assert any("«" in c for f in features for c in f["top_contexts"])  # token-level contexts
+
+    # the monitor, score and explain load it as they load the default pack
+    from featurewatch.models import load_model
+    from featurewatch.monitor import Monitor
+
+    loaded = load_model(str(tiny_lm_dir))
+    monitor = Monitor(loaded.model, loaded.tokenizer, pack=out)
+    try:
+        assert [d.name for d in monitor.detectors] == ["lure"]
+        result = monitor.generate("Send your password now, your account is locked.", max_new_tokens=3)
+        assert "lure" in result.scores
+    finally:
+        monitor.detach()
+    records = _jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "URGENT: send your password now"}])
+    code, stdout, err = run_cli(capsys, "score", "--model", str(tiny_lm_dir), "--pack", str(out),
+                                "--input", str(records))
+    assert code == 0, err
+    assert "lure" in json.loads(stdout.splitlines()[0])["scores"]
+    code, stdout, err = run_cli(capsys, "explain", "lure", "--pack", str(out))
+    assert code == 0, err
+    assert "out of source (leave-one-source-out)" in stdout
+
+
+def test_resume_reuses_what_did_not_change_and_refits_what_did(tiny_lm_dir: Path, data: Path, tmp_path: Path,
+                                                                capsys: Any) -> None:
+    sae = write_saelens(tmp_path / "sae")
+    out = tmp_path / "pack"
+    assert build(capsys, tiny_lm_dir, data, out, "--sae", str(sae))[0] == 0
+    first = (out / "lure.json").read_text()
+    code, _, err = build(capsys, tiny_lm_dir, data, out, "--sae", str(sae), "--resume")
+    assert code == 0, err
+    assert "lure: unchanged since the last build, reused" in err and (out / "lure.json").read_text() == first
+    recipe = json.loads((data / "recipe.json").read_text())
+    recipe["target_fpr"] = 0.2
+    changed = tmp_path / "recipe.json"
+    changed.write_text(json.dumps(recipe))
+    code, _, err = run_cli(capsys, "build-pack", "--model", str(tiny_lm_dir), "--out", str(out), "--data", str(data),
+                           "--recipe", str(changed), "--sae", str(sae), "--resume")
+    assert code == 0, err
+    assert "lure: unchanged" not in err
+    assert json.loads((out / "lure.json").read_text())["calibration"]["target_fpr"] == 0.2
+
+
+def test_train_sae_then_build_in_one_command(tiny_lm_dir: Path, data: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "pack"
+    code, _, err = build(capsys, tiny_lm_dir, data, out, "--train-sae", "--corpus", str(data / "pool.jsonl"),
+                         "--corpus", str(data / "lure.jsonl"), "--hookpoint", "layers.1", "--tokens", "2000",
+                         "--d-sae", "32", "--k", "4", "--ctx", "32", "--batch-size", "256", "--eval-tokens", "500",
+                         "--ce-tokens", "200")
+    assert code == 0, err
+    pack = load_pack(out)
+    assert pack.saes["layers.1"].d_sae == 32 and (out / "sae" / "layers.1" / "report.json").is_file()
+    assert "featurewatch train-sae on" in (out / "README.md").read_text()
+
+
+@pytest.mark.usefixtures("no_model")
+@pytest.mark.parametrize("extra, message", [
+    ([], "give the SAE with --sae PATH[@HOOKPOINT], or --train-sae"),
+    (["--sae", "{sae}", "--train-sae", "--corpus", "x.jsonl"], "--sae and --train-sae: give one of the two"),
+    (["--train-sae"], "--train-sae needs --corpus FILE"),
+    (["--sae", "{sae}", "--recipe", "{data}/bad_recipe.json"], "are all label 0; calibration needs positives"),
+    (["--sae", "{sae}", "--recipe", "{data}/nope.json"], "no such file and not a built-in recipe"),
+    (["--sae", "{sae}", "--detectors", "other"], "other not in"),
+    (["--sae", "{tmp}/nowhere"], "--sae {tmp}/nowhere: no such file or directory"),
+    (["--sae", "{gemma}"], "does not say where it reads the model; give the hookpoint as"),
+    (["--sae", "{sae}", "--recipe", "safety"], "is in none of the data directories"),
+])
+def test_bad_input_is_one_clear_error_before_the_model_loads(
+        tiny_lm_dir: Path, data: Path, tmp_path: Path, capsys: Any, extra: list[str], message: str) -> None:
+    sae = write_saelens(tmp_path / "sae")
+    gemma = write_gemma_scope(tmp_path / "gemma")
+    fill = {"sae": sae, "data": data, "tmp": tmp_path, "gemma": gemma}
+    extra = [e.format(**fill) for e in extra]
+    if "--recipe" in extra:
+        args = ["build-pack", "--model", str(tiny_lm_dir), "--out", str(tmp_path / "pack"), "--data", str(data),
+                *extra]
+        code, _, err = run_cli(capsys, *args)
+    else:
+        code, _, err = build(capsys, tiny_lm_dir, data, tmp_path / "pack", *extra)
+    assert code == 2 and message.format(**fill) in err, err
+    assert not (tmp_path / "pack").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("what, message", [
+    ("width", "reads vectors of width 8, but"),
+    ("hookpoint", "the model has layers.0 … layers.1"),
+])
+def test_an_sae_that_does_not_fit_the_model_fails_at_the_check(
+        what: str, message: str, tiny_lm_dir: Path, data: Path, tmp_path: Path, capsys: Any) -> None:
+    if what == "width":
+        W = torch.randn(8, D_SAE)
+        sae = SparseAutoencoder(W, W.T.clone(), torch.zeros(D_SAE), torch.zeros(8), hook_name="layers.1")
+        spec = str(sae.save(tmp_path / "narrow"))
+    else:
+        spec = f"{write_saelens(tmp_path / 'sae')}@layers.9"
+    code, _, err = build(capsys, tiny_lm_dir, data, tmp_path / "pack", "--sae", spec)
+    assert code == 2 and message in err, err
+    assert "[2/6]" not in err and not (tmp_path / "pack").exists()
+
+
+def test_an_out_directory_it_did_not_write_needs_force(tiny_lm_dir: Path, data: Path, tmp_path: Path,
+                                                       capsys: Any) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    sae = write_saelens(tmp_path / "sae")
+    code, _, err = build(capsys, tiny_lm_dir, data, out, "--sae", str(sae))
+    assert code == 2 and "holds files build-pack did not write" in err and (out / "notes.txt").exists()
+    code, _, err = build(capsys, tiny_lm_dir, data, out, "--sae", str(sae), "--force")
+    assert code == 0, err
+    assert not (out / "notes.txt").exists() and (out / "build.json").is_file()
