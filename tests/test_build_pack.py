@@ -252,3 +252,49 @@ def test_an_out_directory_it_did_not_write_needs_force(tiny_lm_dir: Path, data: 
     code, _, err = build(capsys, tiny_lm_dir, data, out, "--sae", str(sae), "--force")
     assert code == 0, err
     assert not (out / "notes.txt").exists() and (out / "build.json").is_file()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "dev" / "multi" / "scam.jsonl").is_file(), reason="needs ../shared/data")
+def test_the_readme_build_pack_block_runs_as_shown(tiny_lm_dir: Path, tmp_path: Path, capsys: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's worked example, command by command as written, on the built-in ``safety`` recipe and the
+    shared data; only the model (the tests' tiny one, ``--model``) and so its SAE (same layout, width 16) and
+    the output place differ — the embedded model would take ten minutes here."""
+    import shlex
+
+    from test_calibrate_grouped import readme_block
+
+    monkeypatch.chdir(ROOT)
+    block = readme_block("featurewatch build-pack").replace("\\\n", " ")
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["featurewatch", "build-pack"], ["featurewatch", "explain"],
+                                         ["featurewatch", "score"]]
+    sae = str(write_saelens(tmp_path / "sae"))
+    out = str(tmp_path / "scam-only")
+
+    def as_here(argv: list[str]) -> list[str]:
+        argv = [out if a == "packs/scam-only" else a for a in argv[1:]]
+        i = argv.index("--sae") + 1 if "--sae" in argv else None
+        if i is not None:
+            assert argv[i] == "detectors/smollm2-135m-instruct/sae/layers.15"
+            argv[i] = sae
+        return argv
+
+    build_cmd, explain_cmd, score_cmd = (as_here(c) for c in commands)
+    code, stdout, err = run_cli(capsys, *build_cmd, "--model", str(tiny_lm_dir), "--work", str(tmp_path / "work"))
+    assert code == 0, err
+    assert "scam-email: leave-one-source-out over" in stdout
+    pack = load_pack(out)
+    assert set(pack.detectors) == {"scam-email", "scam-email-probe"}
+    card = (Path(out) / "README.md").read_text()
+    assert "| nazario |" in card and "CC BY" in card  # licences read from the shared data's README tables
+    code, stdout, err = run_cli(capsys, *explain_cmd, "--neighbours", "0")
+    assert code == 0, err
+    assert "out of source (leave-one-source-out)" in stdout
+    code, stdout, err = run_cli(capsys, *score_cmd, "--model", str(tiny_lm_dir))
+    assert code == 0, err
+    assert len(stdout.splitlines()) == 60 and "scam-email" in json.loads(stdout.splitlines()[0])["scores"]

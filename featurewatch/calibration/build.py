@@ -70,6 +70,8 @@ class BuildRequest:
     group_by: str | None = None
     name: str | None = None
     version: str = "0.1.0"
+    description: str | None = None
+    baseline: Path | None = None
     features: Path | None = None
     labels: Path | None = None
     eval_tokens: int = 20_000
@@ -165,6 +167,11 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
                 raise ConfigError(f"--corpus {c}: no such file")
     if req.labels is not None and not req.labels.is_file():
         raise ConfigError(f"--labels {req.labels}: no such file")
+    baseline = None
+    if req.baseline is not None:
+        from ..pack import load_pack as _load
+
+        baseline = _load(req.baseline)
     if req.features is not None and not req.features.is_file():
         raise ConfigError(f"--features {req.features}: no such file")
     from .. import models
@@ -208,13 +215,18 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
         st.start("sae", "take the given SAE(s) into the pack")
     for sae, hp, (fmt, path) in imported:
         saes[hp] = sae
-        info: dict[str, Any] = {"source": str(path), "format": fmt}
+        info: dict[str, Any] = {"source": str(path), "path": str(path), "format": fmt}
         report_file = (path if path.is_dir() else path.parent) / "report.json"
         if report_file.is_file():
             with contextlib.suppress(ValueError):  # an unreadable report: the quality is measured instead
-                info["quality"] = _quality(json.loads(report_file.read_text("utf-8")))
+                trained = json.loads(report_file.read_text("utf-8"))
+                info["quality"] = _quality(trained)
+                if trained.get("corpus"):  # train-sae's report: say what it was trained on
+                    tokens = trained.get("trained_tokens")
+                    info["source"] += (f" (featurewatch train-sae on {trained['corpus']}"
+                                       + (f", {tokens:,} tokens)" if isinstance(tokens, int) else ")"))
         sae_info[hp] = info
-    sources = {hp: Path(i["source"]) for hp, i in sae_info.items() if req.train is None or hp != req.train.hookpoint}
+    sources = {hp: Path(i["path"]) for hp, i in sae_info.items() if "path" in i}
     if req.train is not None:
         sources[req.train.hookpoint] = req.work / "train-sae" / "sae" / req.train.hookpoint
     for hp, sae in saes.items():
@@ -286,7 +298,8 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
     labels_key = _key(sorted(labels.items()))
     for prep in preps:
         job = prep.job
-        key = _key(_job_fields(job), [str(p) for p, _ in prep.prepared], fp, main_hp, max_tokens, labels_key)
+        key = _key(_job_fields(job), [str(p) for p, _ in prep.prepared], fp, main_hp, max_tokens, labels_key,
+                   str(req.baseline))
         done_dir = req.work / "detectors" / job.name
         done = done_dir / "report.json"
         t1 = time.time()
@@ -300,7 +313,8 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
                              sae=sae, hookpoint=main_hp, phases=job.watch, max_tokens=max_tokens, cache_dir=cache)
             log(f"      {job.name}: {len(rows)} rows; leave-one-{job.group_by}-out over {len(prep.groups)} groups")
             report = fit_job(prep, rows, sae=sae, hookpoint=main_hp, out_dir=done_dir / "specs",
-                             features_info=infos, progress=lambda m: log("        " + m))
+                             features_info=infos, progress=lambda m: log("        " + m),
+                             baseline=baseline if baseline is not None and job.name in baseline.detectors else None)
             report["key"] = key
             report["seconds"] = round(time.time() - t1, 1)
             done.write_text(json.dumps(report, indent=1, default=jsonable) + "\n")
@@ -330,7 +344,8 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
     manifest = {
         "name": name, "version": req.version, "model": loaded.name,
         "hookpoints": {hp: f"sae/{hp}" for hp in saes}, "default_detectors": defaults,
-        "description": req.recipe.description or f"detectors built by featurewatch build-pack for {loaded.name}",
+        "description": req.description or req.recipe.description or f"detectors built by featurewatch build-pack "
+                                                                    f"for {loaded.name}",
         "provenance": {
             "sae": "; ".join(f"{hp}: {i['source']} ({i['format']})" for hp, i in sae_info.items()),
             "detectors": f"featurewatch build-pack ({req.recipe_where}), leave-one-{job_list[0].group_by}-out",

@@ -49,6 +49,10 @@ def register(sub: Any) -> None:
                    "pack's features.json) instead of measuring them on the calibration text")
     p.add_argument("--labels", metavar="FILE", help="feature labels {\"sae\": fingerprint, \"labels\": {id: label}} "
                    "for this SAE (e.g. examples/feature_labels.json)")
+    p.add_argument("--description", help="the pack's description in pack.json and on its card (default: the "
+                   "recipe's)")
+    p.add_argument("--baseline", metavar="PACK", help="also score the same records with this pack's detectors of "
+                   "the same names, per group (the pack as it was, to compare)")
     p.add_argument("--json", action="store_true", help="print the build report as JSON")
     g = p.add_argument_group("training (with --train-sae; as train-sae takes them)")
     add_train_options(g)
@@ -102,7 +106,9 @@ def cmd_build_pack(args: argparse.Namespace) -> int:
                              eval_tokens=args.eval_tokens, ce_tokens=args.ce_tokens)
     req = BuildRequest(out=out, work=work, recipe=recipe, recipe_where=where, data=data, model=args.model,
                        saes=[_sae_arg(s) for s in args.sae], train=train, detectors=only, group_by=args.group_by,
-                       name=args.name, version=args.version, features=Path(args.features) if args.features else None,
+                       name=args.name, version=args.version, description=args.description,
+                       baseline=Path(args.baseline) if args.baseline else None,
+                       features=Path(args.features) if args.features else None,
                        labels=Path(args.labels) if args.labels else None, eval_tokens=args.eval_tokens,
                        ce_tokens=args.ce_tokens, resume=args.resume, force=args.force,
                        argv=args.argv[args.argv.index("build-pack") + 1:])
