@@ -298,3 +298,36 @@ def test_the_readme_build_pack_block_runs_as_shown(tiny_lm_dir: Path, tmp_path: 
     code, stdout, err = run_cli(capsys, *score_cmd, "--model", str(tiny_lm_dir))
     assert code == 0, err
     assert len(stdout.splitlines()) == 60 and "scam-email" in json.loads(stdout.splitlines()[0])["scores"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "gpt2"])
+def test_build_pack_runs_on_other_architectures(family: str, data: Path, tmp_path: Path, capsys: Any) -> None:
+    """The architecture matrix's rows, saved with the embedded tokenizer: build-pack hooks, calibrates and
+    writes a pack the monitor loads (Gemma's embedding scale and GPT-2's ``transformer.h`` included)."""
+    import importlib
+
+    from test_architectures import ARCHS
+
+    from featurewatch.models import load_model, load_tokenizer
+    from featurewatch.monitor import Monitor
+
+    tok = load_tokenizer()
+    arch = ARCHS[family]
+    kwargs = dict(arch.kwargs)
+    kwargs.update({"n_positions": 2048} if family == "gpt2" else {"max_position_embeddings": 2048})
+    transformers = importlib.import_module("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, arch.config)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+    model_dir = tmp_path / family
+    getattr(transformers, arch.model)(cfg).eval().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "pack"
+    code, _, err = build(capsys, model_dir, data, out, "--sae", f"{write_saelens(tmp_path / 'sae')}")
+    assert code == 0, err
+    loaded = load_model(str(model_dir))
+    monitor = Monitor(loaded.model, loaded.tokenizer, pack=out)
+    try:
+        assert "lure" in monitor.generate("Send your password now.", max_new_tokens=2).scores
+    finally:
+        monitor.detach()
