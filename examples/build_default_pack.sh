@@ -24,7 +24,7 @@ $FW train-sae --corpus "$DATA/corpus/safety_mix.jsonl" --corpus "$DATA/corpus/ch
 mkdir -p "$PACK/sae"
 rm -rf "$PACK/sae/layers.15"
 cp -r runs/sae16k/sae/layers.15 "$PACK/sae/"
-cp runs/sae16k/features.json "$PACK/features.json"  # full top contexts; the fit trims those no detector reads
+cp runs/sae16k/features.json "$PACK/features.json"  # full top contexts; step 3 trims those no detector reads
 
 # 2. the detectors, through the product's own calibrate: leave-one-source-out over every public source
 #    (dev/multi's several sources per label, the older dev sets, our hand-written sets), benign pools as
@@ -32,3 +32,7 @@ cp runs/sae16k/features.json "$PACK/features.json"  # full top contexts; the fit
 #    left-out source; thresholds at 2 % FPR on the benign negatives of each phase. One forward pass per
 #    prepared file, cached under runs/calibrate (about 25 min on 2 idle cores the first time).
 bash examples/calibrate_default_pack.sh "$PACK"
+
+# 3. the hand-written feature labels (examples/feature_labels.json, keyed by this SAE's fingerprint) into
+#    features.json and every spec; every top context kept for the features a detector reads, two for the rest
+.venv/bin/python examples/apply_labels.py "$PACK" --trim
