@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-# the sources the v0.2.0 pack (examples/recalibrate.py) was fitted on: the older dev splits, our hand-written
-# sets and the chat corpus
+# the sources the v0.2.0 pack (fitted by the retired examples/recalibrate.py) saw: the older dev splits, our
+# hand-written sets and the chat corpus
 SEEN_BY_V020 = ("phishing_pot", "csdmc2010_ham", "refusal_direction/harmful_train", "alpaca_harmless_train",
                 "jailbreakbench_ablated_reply", "alpaca_reply", "truthfulqa", "geometry_of_truth/",
                 "caa_sycophancy", "nrimsky_agree_disagree", "handwritten-", "alpaca_eval/", "synthetic_persona_chat")

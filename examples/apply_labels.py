@@ -2,7 +2,8 @@
 
 Labels are written from each feature's top contexts by readers who are not told which detector reads
 it (``examples/feature_contexts.py`` gathers the contexts); they live in examples/feature_labels.json
-under the SAE's fingerprint and are applied only to that SAE (feature ids mean nothing across
+under the SAE's fingerprint (``featurewatch.calibration.sources.sae_fingerprint``, the key calibration's
+caches use) and are applied only to that SAE (feature ids mean nothing across
 dictionaries). ``--merge F.json`` adds a batch of new labels ({id: label}) to that file first.
 
 Usage: python examples/apply_labels.py PACK [--merge labels.json ...] [--contexts contexts.json ...] [--trim]
@@ -18,9 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recalibrate_fit import sae_key  # noqa: E402  (the fingerprint feature_labels.json is keyed by)
-
 LABELS = Path(__file__).resolve().parent / "feature_labels.json"
 FEW_CONTEXTS = 2
 
@@ -32,12 +30,13 @@ def main() -> int:
     ap.add_argument("--contexts", action="append", default=[])
     ap.add_argument("--trim", action="store_true")
     args = ap.parse_args()
+    from featurewatch.calibration.sources import sae_fingerprint
     from featurewatch.sae import SparseAutoencoder
 
     pack = Path(args.pack)
     manifest = json.loads((pack / "pack.json").read_text())
     (hp, rel), = manifest["hookpoints"].items()
-    key = sae_key(SparseAutoencoder.load(pack / rel))
+    key = sae_fingerprint(SparseAutoencoder.load(pack / rel))
     stored = json.loads(LABELS.read_text())
     if stored["sae"] != key:
         print(f"error: {LABELS.name} holds labels for SAE {stored['sae']}, this pack's is {key}", file=sys.stderr)
