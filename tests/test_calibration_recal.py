@@ -1,15 +1,13 @@
-"""Wrapper-invariant calibration: wrappers, per-source thresholds, the short-text prior, feature exclusion, reports."""
+"""Calibration's building blocks: wrappers, the short-text prior, hysteresis, formatting features, explain, reports."""
 
 import math
 
 import numpy as np
 import pytest
 
-from featurewatch.calibration.metrics import auroc
-from featurewatch.calibration.report import Task, evaluate, explain
-from featurewatch.calibration.rows import PhaseRows
-from featurewatch.calibration.select import fit_readout, is_formatting, paired_shift, wrapper_gap
-from featurewatch.calibration.thresholds import binding, fires, hysteresis_from, per_cell_thresholds, shrunk
+from featurewatch.calibration.report import explain
+from featurewatch.calibration.select import is_formatting
+from featurewatch.calibration.thresholds import fires, hysteresis_from, shrunk
 from featurewatch.calibration.wrappers import content_of, phase_of_content, truncate, wrap
 from featurewatch.records import parse_record
 
@@ -62,64 +60,6 @@ def test_shrinkage_formula_and_short_texts_stay_near_the_prior() -> None:
     assert fires(np.array([5.0, 5.0, 1.0]), np.array([3, 8, 8]), 2.0, 4).tolist() == [False, True, False]
 
 
-def test_threshold_is_set_by_the_hardest_negative_group_at_its_own_target() -> None:
-    easy = np.linspace(-5, -1, 100)  # 100 easy negatives, all low
-    hard = np.arange(10, dtype=float)  # 10 look-alikes: 0..9, target 10% allows one
-    scores = np.concatenate([easy, hard])
-    groups = ["easy"] * 100 + ["look-alike"] * 10
-    cells = per_cell_thresholds(scores, np.full(110, 50), groups, ["plain"] * 110,
-                                {"look-alike": 0.10, "easy": 0.02}, default_target=0.05, min_tokens=1)
-    b = binding(cells)
-    assert b.group == "look-alike" and 8 < b.threshold <= 9
-    fp = (hard >= b.threshold).mean()
-    assert fp == pytest.approx(0.10)
-    # an average over all negatives would have allowed 2 look-alikes through at 2% overall
-    assert ((scores >= b.threshold).sum()) == 1
-
-
-def test_short_records_cannot_be_false_positives_but_count_in_the_cell() -> None:
-    scores = np.array([9.0, 8.0, 1.0, 0.0])
-    n = np.array([2, 10, 10, 10])  # the 9.0 is a 2-token text: silenced by min_tokens
-    [cell] = per_cell_thresholds(scores, n, ["g"] * 4, ["w"] * 4, {"g": 0.25}, default_target=0.0, min_tokens=4)
-    assert 1.0 < cell.threshold <= 8.0  # one false positive allowed out of four: the 8.0
-    [cell0] = per_cell_thresholds(scores, n, ["g"] * 4, ["w"] * 4, {"g": 0.0}, default_target=0.0, min_tokens=4)
-    assert cell0.threshold > 8.0
-    assert hysteresis_from(np.array([1.0, 2.0, 3.0, 5.0]), 0.0) == pytest.approx((3.5 - 1.75) / 2)
-
-
-# --- feature exclusion ------------------------------------------------------------------------
-
-def test_wrapper_features_are_excluded_and_the_content_feature_is_kept() -> None:
-    """Feature 0 tracks the reply wrapper (and in the data would correlate with the label), feature 1 the content."""
-    rng = np.random.default_rng(0)
-    n = 400
-    base = [f"b{i}" for i in range(n)]
-    y = np.arange(n) % 2
-    content = rng.random(n) * 0.3 + y  # feature 1: the content signal
-    noise = rng.random(n)  # feature 2: content noise, the same text in both wrappers
-    rows_X, fams, bases, labels = [], [], [], []
-    for fam, ctx in (("plain", 0.0), ("reply", 1.0)):
-        X = np.zeros((n, 3))
-        X[:, 0] = ctx + 0.05 * rng.random(n)
-        X[:, 1] = content
-        X[:, 2] = noise
-        rows_X.append(X)
-        fams += [fam] * n
-        bases += base
-        labels.append(y)
-    X = np.concatenate(rows_X)
-    shift = paired_shift(X, bases, fams)
-    assert shift[0] > 1.0 and shift[1] == pytest.approx(0.0) and shift[2] == pytest.approx(0.0)
-    neutral = np.array([[0.0, 0, 0.1], [0.0, 0, 0.1], [1.0, 0, 0.1], [1.0, 0, 0.1]])
-    gap = wrapper_gap(neutral, ["plain", "plain", "reply", "reply"], scale=np.ones(3))
-    assert gap.tolist() == pytest.approx([1.0, 0.0, 0.0])
-    # fitted only on replies for positives, feature 0 would separate; fitted on both wrappers it cannot
-    yy = np.concatenate(labels)
-    ro = fit_readout(X, yy, np.ones(len(yy)), np.array([1, 2]), max_features=2)
-    assert 1 in ro.features and 0 not in ro.features
-    assert auroc(ro.score(X), yy) > 0.95
-
-
 def test_formatting_features_are_recognised_from_their_top_contexts() -> None:
     assert is_formatting({"label": "x", "top_contexts": ["end.« ⏎»Next", "a«,» b", "«<|im_start|>»"]})
     assert is_formatting({"label": "period ending a sentence", "top_contexts": []})
@@ -132,35 +72,16 @@ def test_formatting_features_are_recognised_from_their_top_contexts() -> None:
 
 # --- report and explain -----------------------------------------------------------------------
 
-def _rows() -> PhaseRows:
-    n = 6
-    feats = np.zeros((n, 4), dtype=np.float32)
-    feats[:, 2] = [3, 3, 0, 0, 3, 0]  # positives: 0, 1; look-alikes 2, 3; a short positive-looking text 4
-    zero = np.zeros((n, 4), dtype=np.float32)
-    return PhaseRows([f"r{i}" for i in range(n)], [f"b{i}" for i in range(n)], ["s"] * n,
-                     ["scam", "scam", "look-alike", "look-alike", "short", "short"],
-                     ["plain", "reply", "plain", "reply", "plain", "plain"], np.array([1, 1, 0, 0, 0, 0]),
-                     {"prompt": np.array([10, 0, 10, 0, 2, 2]), "completion": np.array([0, 10, 0, 10, 0, 0])},
-                     {"prompt": feats, "completion": feats.copy()}, {"prompt": zero, "completion": zero})
+def test_hysteresis_is_half_the_positives_spread_above_the_threshold() -> None:
+    assert hysteresis_from(np.array([1.0, 2.0, 3.0, 5.0]), 0.0) == pytest.approx((3.5 - 1.75) / 2)
 
 
-def test_evaluate_uses_phase_thresholds_the_prior_and_min_tokens() -> None:
-    rows = _rows()
-    spec = {"name": "d", "kind": "sae", "features": [{"id": 2, "weight": 1.0}], "bias": -1.0, "threshold": 0.5,
-            "phase_thresholds": {"completion": 1.5}, "phases": ["prompt", "completion"],
-            "pooling": {"min_tokens": 4, "prior_score": -1.0, "prior_tokens": 4}}
-    task = Task(np.array([0, 2, 4, 5, 1, 3]), np.array(["prompt"] * 4 + ["completion"] * 2),
-                np.array([1, 0, 0, 0, 1, 0]))
-    table = {(r["phase"], r["group"], r["wrapper"]): r for r in evaluate(spec, rows, task)}
-    # prompt: positive scores (10·2 − 4)/14 ≈ 1.14 ≥ 0.5; the 2-token text scores (2·2 − 4)/6 = 0 and is silent
-    assert table[("prompt", "scam", "plain")]["recall"] == 1.0
-    assert table[("prompt", "short", "plain")]["fpr"] == 0.0
-    assert table[("prompt", "(all)", "(all)")]["auroc"] == 1.0
-    # completion: 1.14 < 1.5, so the reply is missed at the completion threshold
-    assert table[("completion", "scam", "reply")]["recall"] == 0.0
-    assert table[("completion", "look-alike", "reply")]["auroc"] == 1.0  # vs the positives of that wrapper
-    out = explain({**spec, "features": [{"id": 2, "weight": 1.0, "label": "scam words"}]},
-                  {2: {"label": "x", "top_contexts": ["a«b»c"] * 5}}, X_pos=rows.feats["prompt"][:2])
+def test_explain_lists_labels_top_contexts_and_shares() -> None:
+    spec = {"name": "d", "kind": "sae", "features": [{"id": 2, "weight": 1.0, "label": "scam words"}], "bias": -1.0,
+            "threshold": 0.5, "phases": ["prompt"]}
+    X_pos = np.zeros((2, 4), dtype=np.float32)
+    X_pos[:, 2] = 3.0
+    out = explain(spec, {2: {"label": "x", "top_contexts": ["a«b»c"] * 5}}, X_pos=X_pos)
     assert out["features"][0]["label"] == "scam words" and out["features"][0]["share"] == 1.0
     assert out["features"][0]["top_contexts"] == ["a«b»c"] * 3 and out["largest_share"] == 1.0
     assert math.isclose(out["threshold"], 0.5)

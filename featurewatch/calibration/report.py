@@ -1,9 +1,8 @@
 """What a detector measures on held-out data, and what its readout reads.
 
-``evaluate`` scores every (record, phase) the way the runtime does — a mean of
-``bias + Σ wᵢ·aᵢ`` over the phase's content tokens, shrunk toward the prior,
-silent below ``min_tokens``, against the phase's own threshold — and reports
-per (phase, group, wrapper): AUROC, recall and FPR at the shipped threshold.
+``evaluate_runs`` reads what the runtime scored and fired on every (record, phase)
+— the pooled score against the phase's own threshold — and reports per (phase,
+group, wrapper): AUROC, recall and FPR at the shipped threshold.
 For a cell holding only negatives (look-alike notices, small talk) the AUROC
 is against the positives of the same phase and wrapper: "can the detector tell
 this hard negative from the real thing?". ``explain`` lists a readout's
@@ -16,55 +15,12 @@ specs that carry fields the installed runtime does not know yet.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .metrics import auroc
-from .rows import PhaseRows
-from .thresholds import fires, shrunk
 from .wrappers import wrapper_family
-
-
-@dataclass
-class Task:
-    """The (record, phase) pairs a detector is judged on, with its labels."""
-
-    index: np.ndarray  # (m,) rows of a PhaseRows
-    phase: np.ndarray  # (m,) "prompt" | "completion"
-    y: np.ndarray  # (m,) 0/1
-
-
-def raw_scores(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None) -> np.ndarray:
-    """Mean token score of each (record, phase), before the prior."""
-    out = np.empty(len(task.index))
-    for ph in ("prompt", "completion"):
-        sel = task.phase == ph
-        if not sel.any():
-            continue
-        idx = task.index[sel]
-        if spec.get("kind", "sae") == "probe":
-            if probe is None:
-                raise ValueError("a probe spec needs its weight vector")
-            out[sel] = rows.resid[ph][idx] @ probe + spec.get("bias", 0.0)
-        else:
-            ids = [f["id"] for f in spec["features"]]
-            w = np.array([f["weight"] for f in spec["features"]])
-            out[sel] = rows.feats[ph][idx][:, ids] @ w + spec.get("bias", 0.0)
-    return out
-
-
-def pooled_scores(spec: dict[str, Any], rows: PhaseRows, task: Task, probe: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Runtime scores (with the prior) and token counts of each (record, phase)."""
-    pool = spec.get("pooling", {})
-    n = np.array([rows.n[ph][i] for i, ph in zip(task.index, task.phase)])
-    prior = pool.get("prior_score")
-    raw = raw_scores(spec, rows, task, probe)
-    if prior is None:
-        return raw, n
-    return shrunk(raw, n, prior, pool.get("prior_tokens", 0.0)), n
 
 
 def threshold_of(spec: dict[str, Any], phase: str) -> float:
@@ -74,17 +30,6 @@ def threshold_of(spec: dict[str, Any], phase: str) -> float:
 
 def _r(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
-
-
-def evaluate(spec: dict[str, Any], rows: PhaseRows, task: Task,
-             probe: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Per phase and (group, wrapper family): n, AUROC, recall and FPR at the shipped threshold (cached rows)."""
-    score, n = pooled_scores(spec, rows, task, probe)
-    min_tokens = int(spec.get("pooling", {}).get("min_tokens", 1))
-    fire = np.array([fires(np.array([s]), np.array([k]), threshold_of(spec, p), min_tokens)[0]
-                     for s, k, p in zip(score, n, task.phase)], dtype=bool)
-    return table(spec, score, fire, task.y, task.phase, np.array([rows.groups[i] for i in task.index]),
-                 np.array([wrapper_family(rows.wrappers[i]) for i in task.index]))
 
 
 def group_of(record: Any, group_by: str | None) -> str:
