@@ -162,6 +162,12 @@ def test_a_pack_built_on_each_public_sae_layout_loads_like_the_default(
     code, stdout, err = run_cli(capsys, "explain", "lure", "--pack", str(out))
     assert code == 0, err
     assert "out of source (leave-one-source-out)" in stdout
+    if layout == "saelens":
+        code, stdout, err = run_cli(capsys, "eval", "--model", str(tiny_lm_dir), "--pack", str(out), "--input",
+                                    str(data / "lure.jsonl"), "--group-by", "source", "--json", "--cache",
+                                    str(tmp_path / "eval-cache"))
+        assert code == 0, err
+        assert {"alpha", "beta", "gamma"} <= {r["group"] for r in json.loads(stdout)["rows"]}
 
 
 def test_resume_reuses_what_did_not_change_and_refits_what_did(tiny_lm_dir: Path, data: Path, tmp_path: Path,
