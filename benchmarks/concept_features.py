@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multi_source import CONCEPTS, ROOT, default_data, missing, prepared  # noqa: E402
+from multi_source import CONCEPTS, ROOT, checked, default_data, prepared  # noqa: E402
 
 from featurewatch.calibration.fit import feature_aurocs  # noqa: E402
 
@@ -136,17 +136,10 @@ def main() -> int:
     ap.add_argument("--json", nargs="?", const="-", help="write the result as JSON to this file ('-' or no "
                     "value: the last line of stdout)")
     args = ap.parse_args()
-    concepts = [c for c in args.concepts.split(",") if c]
-    unknown = sorted(set(concepts) - set(CONCEPTS))
-    if unknown:
-        print(f"error: unknown concept(s) {unknown}; choose among {list(CONCEPTS)}", file=sys.stderr)
+    ok = checked(args.concepts, args.data)
+    if ok is None:
         return 2
-    data = Path(args.data)
-    lacking = missing(data, concepts)
-    if lacking:
-        print(f"error: {data} lacks {', '.join(map(str, lacking))} (pass --data DIR; see ../shared/data/README.md)",
-              file=sys.stderr)
-        return 2
+    concepts, data = ok
     from featurewatch.calibration.sources import load_rows
     from featurewatch.models import load_model
     from featurewatch.pack import load_pack

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multi_source import CONCEPTS, ROOT, default_data, missing, prepared  # noqa: E402
+from multi_source import CONCEPTS, ROOT, checked, default_data, prepared  # noqa: E402
 
 from featurewatch.calibration.loso import PHASES, group_report, out_of_fold, task_rows  # noqa: E402
 from featurewatch.calibration.metrics import auroc  # noqa: E402
@@ -114,17 +114,10 @@ def main() -> int:
                     "the last line of stdout)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
-    concepts = [c for c in args.concepts.split(",") if c]
-    unknown = sorted(set(concepts) - set(CONCEPTS))
-    if unknown:
-        print(f"error: unknown concept(s) {unknown}; choose among {list(CONCEPTS)}", file=sys.stderr)
+    ok = checked(args.concepts, args.data)
+    if ok is None:
         return 2
-    data = Path(args.data)
-    lacking = missing(data, concepts)
-    if lacking:
-        print(f"error: {data} lacks {', '.join(map(str, lacking))} (pass --data DIR; see ../shared/data/README.md)",
-              file=sys.stderr)
-        return 2
+    concepts, data = ok
     from featurewatch.calibration.loso import Rows
     from featurewatch.models import load_model
 

@@ -47,6 +47,24 @@ def default_data() -> str:
     return os.environ.get("DATA", str(ROOT.parent / "shared" / "data"))
 
 
+def checked(concepts_arg: str, data_arg: str) -> tuple[list[str], Path] | None:
+    """The ``--concepts`` and ``--data`` a benchmark was given, checked; None (after saying why) when unusable."""
+    import sys
+
+    concepts = [c for c in concepts_arg.split(",") if c]
+    unknown = sorted(set(concepts) - set(CONCEPTS))
+    if unknown:
+        print(f"error: unknown concept(s) {unknown}; choose among {list(CONCEPTS)}", file=sys.stderr)
+        return None
+    data = Path(data_arg)
+    lacking = missing(data, concepts)
+    if lacking:
+        print(f"error: {data} lacks {', '.join(map(str, lacking))} (pass --data DIR; see ../shared/data/README.md)",
+              file=sys.stderr)
+        return None
+    return concepts, data
+
+
 def missing(data: Path, concepts: list[str]) -> list[Path]:
     """The files the concepts need that ``data`` lacks."""
     return sorted({data / "dev" / "multi" / f.name for c in concepts for f in CONCEPTS[c][1]
