@@ -26,7 +26,7 @@ from .detector import DetectorSpec
 from .pooling import PhasePool
 from .positions import StepTokens
 from .readout import Readout
-from .session import FeatureTotals, RunState
+from .state import FeatureTotals, RunState
 
 LabelLookup = Callable[[str, int], "str | None"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,10 +22,7 @@ from .errors import ConfigError, GenerationBlocked
 from .intervention import Intervention
 from .models import context_length
 from .records import ROLES, Rendered, render_chat, render_text
-from .session import Session, TokenReading
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
+from .session import Session, SessionHost, TokenReading
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -149,7 +146,7 @@ def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask, content
 
 
-def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
+def generate_batch(monitor: SessionHost, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                    top_features: int = 0, raise_on_block: bool = True,
                    interventions: Sequence[Intervention] = (), streamer: Any = None,
                    run_ids: Sequence[str] | None = None, shadow: Sequence[str] = (),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,9 +22,7 @@ from .errors import ConfigError
 from .hooks import _StopForward
 from .models import context_length
 from .records import Record, pad_right, render
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
+from .session import Session, SessionHost
 
 
 class ScoreAlert(BaseModel):
@@ -85,7 +83,7 @@ class ScoreRow(BaseModel):
         return json.dumps(row, ensure_ascii=False)
 
 
-def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+def score_records(monitor: SessionHost, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                   on_batch: Callable[[int], Any] | None = None) -> Iterator[tuple[Record, RunResult]]:
     """Score records in order, ``batch_size`` at a time; see :meth:`Monitor.score_records`."""
     for record, run, _ in score_with_tokens(monitor, records, batch_size=batch_size, max_tokens=max_tokens,
@@ -93,7 +91,7 @@ def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: in
         yield record, run
 
 
-def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+def score_with_tokens(monitor: SessionHost, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                       on_batch: Callable[[int], Any] | None = None, tokens: bool = True
                       ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
     """:func:`score_records`, with each record's tokens and their per-token detector scores (when ``tokens``)."""
@@ -121,7 +119,7 @@ def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size
             on_batch(len(batch))
 
 
-def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int, tokens: bool
+def _score_batch(monitor: SessionHost, batch: list[Record], max_tokens: int, tokens: bool
                  ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
     rendered = [render(r, monitor.tokenizer, max_tokens=max_tokens) for r in batch]
     ids, mask = pad_right([r.ids for r in rendered], monitor.tokenizer.pad_token_id)
@@ -134,7 +132,7 @@ def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int, tokens:
         yield record, run, (_tokens(monitor, session, r, len(rendered[r].ids)) if tokens else None)
 
 
-def _tokens(monitor: Monitor, session: Any, r: int, n: int) -> list[ScoreToken]:
+def _tokens(monitor: SessionHost, session: Session, r: int, n: int) -> list[ScoreToken]:
     row = session.rows[r]
     scores = session.token_scores(r)
     decode = monitor.tokenizer.decode

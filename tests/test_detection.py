@@ -12,7 +12,7 @@ from conftest import TinyTokenizer, tiny_spec
 from featurewatch.detection import Firing, _add_totals, evidence, final_firings, new_pools, observe, record_alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.positions import StepTokens
-from featurewatch.session import FeatureTotals, RunState
+from featurewatch.state import FeatureTotals, RunState
 
 
 @pytest.mark.parametrize("counts", [(1,), (1, 1, 1), (7, 7), (64,) * 8, (3, 5, 2)])

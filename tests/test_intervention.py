@@ -13,7 +13,7 @@ from featurewatch.errors import ConfigError, FeatureOutOfRange
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
 from featurewatch.positions import StepTokens
-from featurewatch.session import RunState
+from featurewatch.state import RunState
 
 HP = "layers.1"
 

@@ -68,7 +68,7 @@ def test_metrics_explain_and_the_page_show_the_thresholds_alerts_fire_at(tiny_lm
     assert "fires at: prompt 2.600, completion 2.650" in capsys.readouterr().out
     # what alerts carry: the pools a run opens fire at the same numbers
     from featurewatch.detection import new_pools
-    from featurewatch.session import RunState
+    from featurewatch.state import RunState
 
     run = RunState(run_id="r", started_at=0.0)
     new_pools(run, monitor.detectors)

@@ -4,7 +4,7 @@
 the same readouts, pools and firings, driven by vLLM's steps instead of
 Hugging Face forward calls. Per step, :meth:`begin_step` maps the runner's
 flattened batch to :class:`~featurewatch.positions.StepTokens` (a
-:class:`~featurewatch.session.RunState` per request id, created on first
+:class:`~featurewatch.state.RunState` per request id, created on first
 sight), each tapped decoder layer calls :meth:`on_layer` with its output
 (``hidden + residual`` is the residual stream), and :meth:`end_step` reports the
 step. Requests vLLM has finished are closed by :meth:`finish` with their final
@@ -39,8 +39,8 @@ from ...markup import ChatMarkup
 from ...pack import Pack
 from ...readout import Readout, build_readouts
 from ...runbook import RunBook, ShadowSwitch, pack_shadow, shadow_set
-from ...session import FeatureTotals, RunState
 from ...sinks import Fanout, Sink
+from ...state import FeatureTotals, RunState
 from .batch import Scheduled, step_tokens
 from .options import RUN_ID_MAX, SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
