@@ -113,6 +113,8 @@ class Session:
         self.step_seconds = 0.0
         self.error = False
         self.detached = False
+        self.aborted: set[int] = set()
+        """Batch rows the caller gave up on (:meth:`abort`)."""
         self._on_end = on_end
         self._ended: list[RunResult] | None = None  # the results the runs ended with
         self._state = "new"
@@ -140,6 +142,11 @@ class Session:
     @property
     def ended(self) -> bool:
         return self._state == "ended"
+
+    def abort(self, row: int | None = None) -> None:
+        """The caller gave up on a run (``row``; None: every run), e.g. a cancelled generation: it ends
+        ``aborted``, without end-of-run verdicts (it did not run to its end)."""
+        self.aborted.update(range(len(self.rows)) if row is None else (row,))
 
     def mark_degraded(self) -> None:
         """A monitoring fault touched this call: every run's result says so."""
@@ -185,7 +192,7 @@ class Session:
 
     def outcome(self, row: int = 0) -> Outcome:
         """How one batch row's run ends (or would end now)."""
-        return self.rows[row].outcome(error=self.error)
+        return self.rows[row].outcome(error=self.error, aborted=row in self.aborted)
 
     def results(self) -> list[RunResult]:
         """One :class:`RunResult` per batch row."""
