@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae, sae16, tiny_spec
+from conftest import HP, build_sae, sae16, tiny_spec
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec
 from featurewatch.errors import (
@@ -25,7 +25,6 @@ from featurewatch.monitor import Monitor
 from featurewatch.session import current_session
 from featurewatch.sinks import BaseSink
 
-HP = "layers.1"
 WATCH = [0, 3, 5, 9]
 
 

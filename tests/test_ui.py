@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from _browser import ELEMENT, Driver, find_chrome
 
-from conftest import make_pack
+from conftest import make_monitor, make_pack
 from featurewatch.sinks import BaseSink
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,10 @@ def ui_pack(tmp_path_factory: Any) -> Path:
 def ui(tiny_lm_dir: Path, ui_pack: Path) -> Any:
     """A live server over a monitor on the tiny model: ``(server, monitor)``."""
     from featurewatch.models import load_model
-    from featurewatch.monitor import Monitor
     from featurewatch.ui import serve_ui
 
     loaded = load_model(str(tiny_lm_dir))
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=ui_pack, model_name="tiny")
+    monitor = make_monitor(loaded, pack=ui_pack, model_name="tiny")
     server = serve_ui(monitor, port=0, max_new_tokens=64)
     yield server, monitor
     server.close()
