@@ -6,7 +6,8 @@ they are pydantic models that serialise to the JSON shapes in docs/architecture.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,3 +87,15 @@ class RunResult(BaseModel):
     degraded: bool = Field(default=False, description="a monitoring fault happened (fail-open)")
     started_at: float = 0.0
     ended_at: float = 0.0
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by None (in dicts, lists and tuples too): standard JSON has
+    no such numbers. What the CLI writes and the page answers goes through it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from .alert import COMPLETION, PROMPT, Alert, FeatureEvidence, Phase
-from .detector import DetectorSpec
+from .detector import DetectorSpec, FeatureWeight
 from .pooling import PhasePool
 from .positions import StepTokens
 from .readout import Readout
-from .session import FeatureTotals, RunState
+from .state import FeatureTotals, RunState
 
 LabelLookup = Callable[[str, int], "str | None"]
 
@@ -148,6 +148,15 @@ def final_firings(readouts: Sequence[Readout], runs: Sequence[RunState]) -> list
     return firings
 
 
+def contributions(spec: DetectorSpec, activation: Callable[[int], float]
+                  ) -> list[tuple[FeatureWeight, float, float]]:
+    """The features a detector's score is explained in (an sae detector's own, a probe's ``evidence_features``),
+    each with its activation ``aᵢ = activation(id)`` and its contribution ``wᵢ·aᵢ``: an alert's evidence over a
+    phase's mean activations (:func:`evidence`), the page's inspector over one token's."""
+    weighted = spec.features if spec.kind == "sae" else spec.evidence_features
+    return [(f, a, f.weight * a) for f in weighted for a in (activation(f.id),)]
+
+
 def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, labels: LabelLookup | None = None,
              top: int = 5, mean_score: float | None = None
              ) -> tuple[list[FeatureEvidence], float | None, float | None]:
@@ -160,12 +169,11 @@ def evidence(readout: Readout, run: RunState, spec: DetectorSpec, phase: Phase, 
     """
     key = (readout.hookpoint, phase)
     count = int(run.feature_counts[key]) if key in run.feature_counts else 0
-    weighted = spec.features if spec.kind == "sae" else spec.evidence_features
-    if not weighted or not count:
+    if not (spec.features if spec.kind == "sae" else spec.evidence_features) or not count:
         return [], None, None
     mean = (run.feature_sums[key] / count).tolist()
     col = {f: i for i, f in enumerate(readout.feature_ids)}
-    items = [(f.weight * mean[col[f.id]], f, mean[col[f.id]]) for f in weighted]
+    items = [(c, f, act) for f, act, c in contributions(spec, lambda i: mean[col[i]])]
     unexplained = None
     if spec.kind == "probe" and mean_score is not None and math.isfinite(mean_score):
         unexplained = mean_score - spec.bias - spec.evidence_offset - sum(c for c, _, _ in items)

@@ -64,6 +64,8 @@ class RecordError(FeatureWatchError, ValueError):
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
         where = f"{path or '<input>'}:{line}: " if line is not None else ""
         super().__init__(where + message)
+        self.reason = message
+        """What is wrong, without the place."""
         self.path = path
         self.line = line
 

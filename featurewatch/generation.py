@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,10 +22,7 @@ from .errors import ConfigError, GenerationBlocked
 from .intervention import Intervention
 from .models import context_length
 from .records import ROLES, Rendered, render_chat, render_text
-from .session import Session, TokenReading
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
+from .session import Session, SessionHost, TokenReading
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -136,6 +133,15 @@ def render_prompt(prompt: Prompt, tokenizer: Any, *, chat: bool = True) -> Rende
     return render_chat(messages, tokenizer)
 
 
+def check_context(model: Any, n_prompt: int, max_new_tokens: int) -> None:
+    """A :class:`ConfigError` when a prompt of ``n_prompt`` tokens and ``max_new_tokens`` do not fit the model's
+    context (:func:`~featurewatch.models.context_length`; no limit when its config does not say)."""
+    context = context_length(model)
+    if context is not None and n_prompt + max_new_tokens > context:
+        raise ConfigError(f"the prompt is {n_prompt} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                          f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+
+
 def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor, list[list[bool]]]:
     width = max(len(r.ids) for r in rendered)
     ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
@@ -149,7 +155,7 @@ def _left_pad(rendered: Sequence[Rendered], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask, content
 
 
-def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
+def generate_batch(monitor: SessionHost, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, chat: bool = True,
                    top_features: int = 0, raise_on_block: bool = True,
                    interventions: Sequence[Intervention] = (), streamer: Any = None,
                    run_ids: Sequence[str] | None = None, shadow: Sequence[str] = (),
@@ -170,11 +176,7 @@ def generate_batch(monitor: Monitor, prompts: Sequence[Prompt], *, max_new_token
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
     rendered = [render_prompt(p, tok, chat=chat) for p in prompts]
-    context = context_length(monitor.model)
-    longest = max(len(r.ids) for r in rendered)
-    if context is not None and longest + max_new_tokens > context:
-        raise ConfigError(f"the prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                          f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+    check_context(monitor.model, max(len(r.ids) for r in rendered), max_new_tokens)
     ids, mask, content = _left_pad(rendered, tok.pad_token_id)
     width = ids.shape[1]
     session = monitor.session(len(prompts), top_features=top_features, n_prompt=[width] * len(prompts),

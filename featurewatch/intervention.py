@@ -41,7 +41,7 @@ from .detector import DetectorSpec
 from .errors import ConfigError
 from .positions import StepTokens
 from .sae import SparseAutoencoder, SubsetEncoder, check_feature_ids
-from .session import RunState
+from .state import RunState
 
 Mode = Literal["clamp", "add", "scale", "ablate"]
 MODES: tuple[Mode, ...] = ("clamp", "add", "scale", "ablate")

@@ -9,10 +9,11 @@ phases as separate token runs so the boundary is exact.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 from .alert import COMPLETION, PHASES, PROMPT
 from .errors import RecordError
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 __all__ = ["PHASES", "ROLES", "Record", "Rendered", "iter_records", "load_records", "markup_ids", "parse_record",
-           "records_from_lines", "render", "pad_right"]
+           "records_from_lines", "json_lines", "render", "pad_right"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,23 @@ def iter_records(path: str | Path, *, skip_invalid: bool = False,
 
 def records_from_lines(lines: Iterable[bytes], *, path: str, skip_invalid: bool = False,
                        on_skip: Callable[[RecordError], Any] | None = None) -> Iterator[Record]:
-    """The one reader of record lines (a file's, or package data's): :func:`iter_records` without the file."""
+    """Record lines (a file's, or package data's): :func:`iter_records` without the file."""
+    return json_lines(lines, lambda obj, n: parse_record(obj, line=n, path=path), path=path,
+                      skip_invalid=skip_invalid, on_skip=on_skip)
+
+
+def json_lines(lines: Iterable[bytes | str], parse: Callable[[Any, int], T], *, path: str, strict: bool = False,
+               skip_invalid: bool = False, on_skip: Callable[[RecordError], Any] | None = None) -> Iterator[T]:
+    """The one reader of JSONL lines (record files, the shipped corpus, the page's score files): each line
+    decoded (UTF-8, a byte-order mark tolerated on the first), blank lines skipped, the JSON handed to
+    ``parse(obj, line_number)``. A bad line is a :class:`RecordError` naming its line (``reason`` without
+    the place); ``parse`` raises one for what it refuses. ``strict``: ``NaN``, ``Infinity`` and numbers
+    out of double range are refused too. With ``skip_invalid``, bad lines go to ``on_skip(error)``
+    (never dropped silently)."""
     for n, raw in enumerate(lines, start=1):
         try:
-            record = _parse_line(raw, n, path)
+            obj = _json_line(raw, n, path, strict)
+            value = None if obj is _BLANK else parse(obj, n)
         except RecordError as exc:
             if not skip_invalid:
                 raise
@@ -136,27 +151,52 @@ def records_from_lines(lines: Iterable[bytes], *, path: str, skip_invalid: bool 
                                   path=path, line=n) from exc
             on_skip(exc)
             continue
-        if record is not None:
-            yield record
+        if obj is not _BLANK and value is not None:
+            yield value
 
 
-def _parse_line(raw: bytes, n: int, path: str) -> Record | None:
-    """One JSONL line as a record; ``None`` for a blank line."""
-    try:
-        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
-                          "record files must be UTF-8 JSONL", path=path, line=n) from None
+_BLANK = object()
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadNumber(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text[:40]} is out of range (not a finite double)")
+    return value
+
+
+def _json_line(raw: bytes | str, n: int, path: str, strict: bool) -> Any:
+    """One JSONL line's JSON value; ``_BLANK`` for a blank line."""
+    if isinstance(raw, str):
+        line = raw.removeprefix("\ufeff") if n == 1 else raw
+    else:
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
+        except UnicodeDecodeError as exc:
+            raise RecordError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                              "record files must be UTF-8 JSONL", path=path, line=n) from None
     if not line.strip():
-        return None
+        return _BLANK
     try:
-        obj = json.loads(line)
+        if strict:
+            return json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(line)
+    except _BadNumber as exc:
+        raise RecordError(f"a bad number: {exc}; JSON lines take finite numbers", path=path, line=n) from None
     except json.JSONDecodeError as exc:
         raise RecordError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=n) from None
+    except ValueError as exc:  # int() limits: an integer of thousands of digits
+        raise RecordError(f"invalid JSON ({exc})", path=path, line=n) from None
     except RecursionError:
-        raise RecordError("JSON nested too deeply to read; a record is a flat object", path=path,
-                          line=n) from None
-    return parse_record(obj, line=n, path=path)
+        raise RecordError("JSON nested too deeply to read", path=path, line=n) from None
 
 
 def load_records(path: str | Path, **kwargs: Any) -> list[Record]:

@@ -12,7 +12,7 @@ different loops, but each of their runs goes through these steps, written here o
   ``would_block`` — delivery to callbacks and sinks;
 * :meth:`RunBook.close` — the end-of-run verdicts (:func:`~featurewatch.detection.final_firings`,
   only for a run that completed), its :class:`~featurewatch.alert.RunResult`
-  (:meth:`~featurewatch.session.RunState.result`), ``on_run_end``.
+  (:meth:`~featurewatch.state.RunState.result`), ``on_run_end``.
 
 A sink or callback fault marks the run degraded (fail-open), so the result its caller gets says so.
 What differs by engine stays with the engine: how a blocked run is stopped (a stopping criterion,
@@ -35,8 +35,8 @@ from .detection import Firing, LabelLookup, final_firings, new_pools, record_ale
 from .detector import DetectorSpec
 from .errors import ConfigError
 from .readout import Readout
-from .session import RunState
 from .sinks import Fanout
+from .state import RunState
 
 ShadowSwitch = bool | Sequence[str] | None
 """Which ``block`` detectors run in shadow mode: True (all), a list of names, False/None/empty (none)."""

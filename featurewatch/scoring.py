@@ -12,19 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .alert import FeatureEvidence, Phase, RunResult
+from .alert import COMPLETION, PROMPT, FeatureEvidence, Phase, RunResult
 from .errors import ConfigError
 from .hooks import _StopForward
 from .models import context_length
 from .records import Record, pad_right, render
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
+from .session import Session, SessionHost
 
 
 class ScoreAlert(BaseModel):
@@ -85,7 +83,7 @@ class ScoreRow(BaseModel):
         return json.dumps(row, ensure_ascii=False)
 
 
-def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+def score_records(monitor: SessionHost, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                   on_batch: Callable[[int], Any] | None = None) -> Iterator[tuple[Record, RunResult]]:
     """Score records in order, ``batch_size`` at a time; see :meth:`Monitor.score_records`."""
     for record, run, _ in score_with_tokens(monitor, records, batch_size=batch_size, max_tokens=max_tokens,
@@ -93,7 +91,7 @@ def score_records(monitor: Monitor, records: Iterable[Record], *, batch_size: in
         yield record, run
 
 
-def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
+def score_with_tokens(monitor: SessionHost, records: Iterable[Record], *, batch_size: int = 8, max_tokens: int = 512,
                       on_batch: Callable[[int], Any] | None = None, tokens: bool = True
                       ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
     """:func:`score_records`, with each record's tokens and their per-token detector scores (when ``tokens``)."""
@@ -121,7 +119,7 @@ def score_with_tokens(monitor: Monitor, records: Iterable[Record], *, batch_size
             on_batch(len(batch))
 
 
-def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int, tokens: bool
+def _score_batch(monitor: SessionHost, batch: list[Record], max_tokens: int, tokens: bool
                  ) -> Iterator[tuple[Record, RunResult, list[ScoreToken] | None]]:
     rendered = [render(r, monitor.tokenizer, max_tokens=max_tokens) for r in batch]
     ids, mask = pad_right([r.ids for r in rendered], monitor.tokenizer.pad_token_id)
@@ -131,13 +129,21 @@ def _score_batch(monitor: Monitor, batch: list[Record], max_tokens: int, tokens:
     with session, torch.inference_mode(), contextlib.suppress(_StopForward):
         monitor.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     for r, (record, run) in enumerate(zip(batch, session.results())):
-        yield record, run, (_tokens(monitor, session, r, len(rendered[r].ids)) if tokens else None)
+        yield record, run, (token_rows(session, r, stop=len(rendered[r].ids)) if tokens else None)
 
 
-def _tokens(monitor: Monitor, session: Any, r: int, n: int) -> list[ScoreToken]:
-    row = session.rows[r]
-    scores = session.token_scores(r)
-    decode = monitor.tokenizer.decode
-    return [ScoreToken(p=p, t=decode([row.token_ids[p]]), ph="completion" if row.completion[p] else "prompt",
-                       x=not row.read[p], s={k: round(v[p], 5) for k, v in scores.items() if p < len(v)})
-            for p in range(min(n, len(row.token_ids)))]
+def token_rows(session: Session, row: int = 0, *, start: int = 0, stop: int | None = None) -> list[ScoreToken]:
+    """One batch row's tokens from position ``start`` (to ``stop``) as :class:`ScoreToken`: text, phase, not read,
+    each detector's per-token score (:meth:`~featurewatch.session.Session.token_scores`, 5 decimals). What
+    ``score --token-scores`` writes and what the page streams after each forward pass."""
+    run = session.rows[row]
+    end = len(run.token_ids) if stop is None else min(stop, len(run.token_ids))
+    scores = session.token_scores(row, start=start)
+    tok = session.tokenizer
+    out = []
+    for i, p in enumerate(range(start, end)):
+        tid = run.token_ids[p]
+        out.append(ScoreToken(p=p, t=tok.decode([tid]) if tok is not None else str(tid),
+                              ph=COMPLETION if run.completion[p] else PROMPT, x=not run.read[p],
+                              s={k: round(v[i], 5) for k, v in scores.items() if i < len(v)}))
+    return out

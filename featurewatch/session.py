@@ -1,7 +1,7 @@
 """Sessions: the state of one monitored call, its results and its token-by-token readings.
 
 The hooks own only the hot path; everything a run accumulates lives here, one
-:class:`Session` per monitored call (one :class:`RunState` per batch row), so
+:class:`Session` per monitored call (one :class:`~featurewatch.state.RunState` per batch row), so
 concurrent runs never mix. The monitor finds the active session through a
 context variable: each thread (and each asyncio task) has its own.
 
@@ -18,20 +18,18 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .alert import COMPLETION, PROMPT, Alert, Outcome, RunResult
+from .alert import COMPLETION, PROMPT, Outcome, RunResult
 from .errors import ConfigError
-from .pooling import PhasePool
 from .positions import PositionTracker, StepTokens
+from .state import FeatureTotals, RunState, record_tokens
 
 if TYPE_CHECKING:
-    from .intervention import Steering
-    from .monitor import Monitor
+    from .intervention import Intervention, Steering
     from .readout import Readout
 
 
@@ -50,56 +48,21 @@ class TokenReading(NamedTuple):
     """Strongest features at this position (only when the session asked for ``top_features``)."""
 
 
-@dataclass
-class RunState:
-    """One batch row's run."""
+class SessionHost(Protocol):
+    """What drivers (:mod:`~featurewatch.generation`, :mod:`~featurewatch.scoring`, a session's ``owner``) need
+    of the monitor: its model and tokenizer, and sessions served by its hooks. :class:`~featurewatch.monitor.Monitor`
+    is one; nothing below ``monitor`` imports it."""
 
-    run_id: str
-    started_at: float
-    token_ids: list[int] = field(default_factory=list)
-    read: list[bool] = field(default_factory=list)
-    completion: list[bool] = field(default_factory=list)
-    watched: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, m) chunks
-    residuals: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, d) fp16 chunks
-    scores: dict[str, list[Tensor]] = field(default_factory=dict)  # hookpoint -> (new, n_det) per-token scores
-    pools: dict[tuple[str, str], PhasePool] = field(default_factory=dict)  # (detector, phase)
-    combined: dict[str, PhasePool] = field(default_factory=dict)  # detector -> all watched phases
-    # (hookpoint, phase) -> views into the session's FeatureTotals: (m,) sums and 0-d token counts
-    feature_sums: dict[tuple[str, str], Tensor] = field(default_factory=dict)
-    feature_counts: dict[tuple[str, str], Tensor] = field(default_factory=dict)
-    alerts: list[Alert] = field(default_factory=list)
-    fired: dict[str, int] = field(default_factory=dict)  # detector -> position of its first alert
-    blocked: bool = False
-    degraded: bool = False
-    generated: int | None = None  # tokens generated, set by an engine that knows it before the run closes
+    model: nn.Module
+    tokenizer: Any
 
-    def outcome(self, *, error: bool = False, aborted: bool = False) -> Outcome:
-        """How the run ended: an error in its call, a block, the client gone (``aborted``), or completed."""
-        return "error" if error else "blocked" if self.blocked else "aborted" if aborted else "completed"
-
-    def result(self, *, model_name: str, outcome: Outcome, ended_at: float) -> RunResult:
-        """The run's :class:`RunResult`: pooled scores (combined and per phase), alerts, tokens, faults."""
-        scores = {name: pool.value for name, pool in self.combined.items() if pool.n}
-        phase_scores: dict[str, dict[str, float]] = {}
-        for (name, phase), pool in self.pools.items():
-            if pool.n:
-                phase_scores.setdefault(phase, {})[name] = pool.value
-        return RunResult(run_id=self.run_id, model_name=model_name, outcome=outcome, scores=scores,
-                         phase_scores=phase_scores, alerts=list(self.alerts), n_tokens=len(self.token_ids),
-                         n_prompt_tokens=len(self.completion) - sum(self.completion), n_output_tokens=self.generated,
-                         degraded=self.degraded, started_at=self.started_at, ended_at=ended_at)
-
-
-@dataclass
-class FeatureTotals:
-    """Per (run, phase) sums of one hookpoint's watched features over the tokens detectors read.
-
-    Row ``2·run + phase`` (phase 0 = prompt, 1 = completion); one tensor for the whole batch,
-    so a forward pass adds its tokens with one ``index_add_`` instead of a loop over runs.
-    """
-
-    sums: Tensor  # (2 · batch, m) float32
-    counts: Tensor  # (2 · batch,) long
+    def session(self, batch_size: int = 1, *, top_features: int = 0, run_ids: Sequence[str] | None = None,
+                n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
+                interventions: Sequence[Intervention] = (), stop_after_deepest: bool = False,
+                blocking: bool = True, markup: Sequence[Sequence[tuple[int, int]]] | None = None,
+                shadow: Sequence[str] = ()) -> Session:
+        """A session of this host's hooks (see :meth:`Monitor.session <featurewatch.monitor.Monitor.session>`)."""
+        ...
 
 
 class Session:
@@ -112,7 +75,7 @@ class Session:
         results = session.results()
     """
 
-    def __init__(self, batch_size: int, *, owner: Monitor, readouts: Sequence[Readout], tokenizer: Any,
+    def __init__(self, batch_size: int, *, owner: SessionHost, readouts: Sequence[Readout], tokenizer: Any,
                  model_name: str, special_ids: Sequence[int], top_features: int = 0, blocking: bool = True,
                  steering: Mapping[str, Steering] | None = None, stop_after_deepest: bool = False,
                  n_prompt: Sequence[int] | None = None, content: Sequence[Sequence[bool]] | None = None,
@@ -128,17 +91,10 @@ class Session:
         self.rows = [RunState(run_id=r, started_at=now) for r in ids]
         self.positions = PositionTracker(batch_size, special_ids, n_prompt=n_prompt, content=content)
         self.readouts = list(readouts)
-        self.totals: dict[str, FeatureTotals] = {}
-        for readout in self.readouts:
-            hp, m = readout.hookpoint, len(readout.feature_ids)
-            totals = self.totals[hp] = FeatureTotals(torch.zeros(2 * batch_size, m),
-                                                     torch.zeros(2 * batch_size, dtype=torch.long))
-            for r, row in enumerate(self.rows):
-                for p, phase in enumerate((PROMPT, COMPLETION)):
-                    row.feature_sums[(hp, phase)] = totals.sums[2 * r + p]
-                    row.feature_counts[(hp, phase)] = totals.counts[2 * r + p]
+        self.totals = {r.hookpoint: FeatureTotals.zeros(batch_size, len(r.feature_ids)).bind(self.rows, r.hookpoint)
+                       for r in self.readouts}
         self.owner = owner
-        """The monitor whose hooks serve this session."""
+        """The monitor whose hooks serve this session (its hooks compare identity, nothing more)."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.top_features = top_features
@@ -157,6 +113,8 @@ class Session:
         self.step_seconds = 0.0
         self.error = False
         self.detached = False
+        self.aborted: set[int] = set()
+        """Batch rows the caller gave up on (:meth:`abort`)."""
         self._on_end = on_end
         self._ended: list[RunResult] | None = None  # the results the runs ended with
         self._state = "new"
@@ -185,6 +143,11 @@ class Session:
     def ended(self) -> bool:
         return self._state == "ended"
 
+    def abort(self, row: int | None = None) -> None:
+        """The caller gave up on a run (``row``; None: every run), e.g. a cancelled generation: it ends
+        ``aborted``, without end-of-run verdicts (it did not run to its end)."""
+        self.aborted.update(range(len(self.rows)) if row is None else (row,))
+
     def mark_degraded(self) -> None:
         """A monitoring fault touched this call: every run's result says so."""
         for row in self.rows:
@@ -194,14 +157,7 @@ class Session:
     def record_step(self, tokens: StepTokens) -> None:
         """Append a forward pass's new tokens to their runs."""
         self.step_seconds = 0.0
-        ids, read, completion = tokens.token_id.tolist(), tokens.read.tolist(), tokens.completion.tolist()
-        start = 0
-        for row, count in zip(self.rows, tokens.counts):
-            end = start + count
-            row.token_ids.extend(ids[start:end])
-            row.read.extend(read[start:end])
-            row.completion.extend(completion[start:end])
-            start = end
+        record_tokens(self.rows, tokens)
 
     def keep(self, hookpoint: str, tokens: StepTokens, feats: Tensor, residuals: Tensor | None,
              scores: Tensor | None = None) -> None:
@@ -236,7 +192,7 @@ class Session:
 
     def outcome(self, row: int = 0) -> Outcome:
         """How one batch row's run ends (or would end now)."""
-        return self.rows[row].outcome(error=self.error)
+        return self.rows[row].outcome(error=self.error, aborted=row in self.aborted)
 
     def results(self) -> list[RunResult]:
         """One :class:`RunResult` per batch row."""

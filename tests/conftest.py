@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny in-process Llama, hand-set SAEs, and the real embedded model."""
+"""Shared fixtures and the tests' helpers: a tiny in-process Llama, hand-set SAEs, and the real embedded model.
+
+The one place a test finds its model and monitor: ``tiny_monitor`` (the in-process Llama),
+:func:`make_monitor` (a monitor on a loaded model: the embedded SmolLM2 ``smollm``, or
+``load_model(tiny_lm_dir)``), and the hookpoints they watch (:data:`HP`, :data:`EMBEDDED_HP`).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,21 @@ from featurewatch.sae import SparseAutoencoder
 from featurewatch.sinks import BaseSink
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HP = "layers.1"
+"""The hookpoint the tiny models watch (``tiny_llama``, ``tiny_lm_dir`` and their packs)."""
+EMBEDDED_HP = "layers.15"
+"""The default pack's hookpoint on the embedded SmolLM2-135M-Instruct."""
+
+
+def make_monitor(loaded: Any, **kw: Any) -> Monitor:
+    """A :class:`Monitor` on a loaded model (``smollm``, the embedded SmolLM2, or ``load_model(tiny_lm_dir)``):
+    ``Monitor(loaded.model, loaded.tokenizer, pack=<the default pack>, **kw)``. The caller detaches it (or uses
+    it as a context manager): one monitor per model at a time."""
+    from featurewatch.pack import DEFAULT_PACK
+
+    kw.setdefault("pack", DEFAULT_PACK)
+    return Monitor(loaded.model, loaded.tokenizer, **kw)
 
 
 def build_sae(d_in: int = 4, d_sae: int = 6, *, architecture: str = "standard", seed: int = 0,

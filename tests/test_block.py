@@ -11,13 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae
+from conftest import EMBEDDED_HP, HP, build_sae
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.errors import GenerationBlocked
 from featurewatch.monitor import Monitor
-
-HP = "layers.1"
 
 
 def block_spec(hookpoint: str, feature: int, min_tokens: int) -> DetectorSpec:
@@ -64,7 +62,7 @@ def test_block_on_the_embedded_model_runs_no_forward_pass_after_the_alert(smollm
     from featurewatch.pack import load_pack
 
     pack = load_pack()
-    total, at_alert, blocked = count_passes(smollm.model, smollm.tokenizer, block_spec("layers.15", 1589, 8),
+    total, at_alert, blocked = count_passes(smollm.model, smollm.tokenizer, block_spec(EMBEDDED_HP, 1589, 8),
                                             "Write a short poem about the sea.", 40, pack=pack)
     assert at_alert == 9 and total == at_alert
     assert len(blocked.result.token_ids) == 9

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from conftest import make_monitor
 from featurewatch import Monitor
 from featurewatch.calibration.report import explain
 from featurewatch.calibration.wrappers import wrap
@@ -35,8 +36,7 @@ SHORT = [{"text": "hello world"}, {"text": "What's 2+2?"}, {"text": "ok"},
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Any:
-    m = Monitor(smollm.model, smollm.tokenizer, pack=PACK, detectors=DETECTORS, model_name=smollm.name,
-                capture_text=False)
+    m = make_monitor(smollm, pack=PACK, detectors=DETECTORS, model_name=smollm.name, capture_text=False)
     yield m
     m.detach()
 
@@ -86,7 +86,7 @@ def test_one_alert_per_phase_episode_on_a_long_scam_reply(monitor: Monitor, smol
     demo = shipped.model_copy(update={"threshold": 0.0, "phase_thresholds": {"prompt": 0.0, "completion": 0.0}})
     monitor.detach()  # one monitor per model; a demo threshold, so that the episode logic is what is tested
     try:
-        with Monitor(smollm.model, smollm.tokenizer, pack=PACK, detectors=[demo]) as m:
+        with make_monitor(smollm, pack=PACK, detectors=[demo]) as m:
             [(_, run)] = list(m.score_records(_records([rec])))
     finally:
         monitor.attach()

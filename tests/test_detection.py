@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import TinyTokenizer, tiny_spec
+from conftest import HP, TinyTokenizer, tiny_spec
 from featurewatch.detection import Firing, _add_totals, evidence, final_firings, new_pools, observe, record_alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.positions import StepTokens
-from featurewatch.session import FeatureTotals, RunState
+from featurewatch.state import FeatureTotals, RunState
 
 
 @pytest.mark.parametrize("counts", [(1,), (1, 1, 1), (7, 7), (64,) * 8, (3, 5, 2)])
@@ -33,7 +33,6 @@ def test_feature_totals_equal_index_add_bit_for_bit(counts: tuple[int, ...]) -> 
 
 
 # ---------------------------------------------------------------- observe → firings → verdicts and alerts
-HP = "layers.1"
 
 
 def _readout(*specs: DetectorSpec) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import make_monitor
 from featurewatch import Monitor
 from featurewatch.records import parse_record
 from featurewatch.session import current_session
@@ -55,8 +56,7 @@ NEGATIVES = {
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Any:
-    m = Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", model_name=smollm.name,
-                fail_closed=True)
+    m = make_monitor(smollm, model_name=smollm.name, fail_closed=True)
     yield m
     m.detach()
 
@@ -141,8 +141,7 @@ def test_an_alert_is_delivered_during_generation_with_labelled_evidence(monitor:
 
     monitor.detach()  # one monitor per model: the module's steps aside for this one
     try:
-        with Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", detectors=[spec],
-                     on_alert=on_alert, fail_closed=True) as m:
+        with make_monitor(smollm, detectors=[spec], on_alert=on_alert, fail_closed=True) as m:
             result = m.generate(POSITIVES["dangerous-content"]["messages"], max_new_tokens=6, raise_on_block=False)
     finally:
         monitor.attach()

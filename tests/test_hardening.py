@@ -8,12 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_spec
+from conftest import HP, tiny_spec
 from featurewatch.alert import RunResult
 from featurewatch.errors import ConfigError, MonitorError
 from featurewatch.sinks import BaseSink
-
-HP = "layers.1"
 
 
 def hook_count(model: Any) -> int:

@@ -8,14 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from conftest import sae16
+from conftest import HP, sae16
 from featurewatch.errors import ConfigError, FeatureOutOfRange
 from featurewatch.hooks import unwrap
 from featurewatch.intervention import Intervention, compile_steering
 from featurewatch.positions import StepTokens
-from featurewatch.session import RunState
-
-HP = "layers.1"
+from featurewatch.state import RunState
 
 
 def steps(n: int = 4, runs: list[int] | None = None, completion: bool = False) -> StepTokens:

@@ -22,13 +22,13 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_core.tools import tool
 from prometheus_client import CollectorRegistry
 
+from conftest import make_monitor
 from featurewatch import Monitor
 from featurewatch.errors import ConfigError
 from featurewatch.integrations.langchain import ChatFeatureWatch, FeatureWatchMiddleware
 from featurewatch.integrations.langchain.chat import parse_tool_calls
 from featurewatch.integrations.langchain.middleware import BLOCKED_MESSAGE
 from featurewatch.metrics import PrometheusMetrics
-from featurewatch.pack import DEFAULT_PACK
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any, registry: CollectorRegistry) -> Iterator[Monitor]:
-    m = Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=lc_detectors(),
-                sinks=[PrometheusMetrics(registry=registry)])
+    m = make_monitor(smollm, detectors=lc_detectors(), sinks=[PrometheusMetrics(registry=registry)])
     yield m
     m.detach()
 

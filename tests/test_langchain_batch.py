@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
-from conftest import tiny_spec
+from conftest import make_monitor, tiny_spec
 from featurewatch import Monitor
 from featurewatch.integrations.langchain import FeatureWatchCallbackHandler
 from featurewatch.models import load_model
@@ -34,7 +34,7 @@ def tiny(tiny_lm_dir: Any, tiny_lm_pack: Any) -> Iterator[tuple[Any, Monitor]]:
     # blocks any prompt of 12 content tokens or more, at its prefill; the short prompts never reach 12
     long_prompt = tiny_spec(name="long-prompt", action="block", threshold=-1e6, phases=["prompt"],
                             pooling={"method": "mean", "min_tokens": 12})
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=tiny_lm_pack, detectors=[long_prompt])
+    monitor = make_monitor(loaded, pack=tiny_lm_pack, detectors=[long_prompt])
     pipe = transformers.pipeline("text-generation", model=loaded.model, tokenizer=loaded.tokenizer,
                                  max_new_tokens=3, do_sample=False, return_full_text=False)
     yield HuggingFacePipeline(pipeline=pipe), monitor

@@ -19,16 +19,16 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
+from conftest import make_monitor
 from featurewatch import GenerationBlocked, Monitor
 from featurewatch.integrations.langchain import ALERT_EVENT, ChatFeatureWatch
-from featurewatch.pack import DEFAULT_PACK
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Iterator[Monitor]:
-    m = Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=lc_detectors()[:1])
+    m = make_monitor(smollm, detectors=lc_detectors()[:1])
     yield m
     m.detach()
 
@@ -36,7 +36,7 @@ def monitor(smollm: Any) -> Iterator[Monitor]:
 @pytest.fixture
 def blocking_monitor(smollm: Any, monitor: Monitor) -> Iterator[Monitor]:
     monitor.detach()
-    m = Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=lc_detectors())
+    m = make_monitor(smollm, detectors=lc_detectors())
     try:
         yield m
     finally:

@@ -22,18 +22,18 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
 
+from conftest import make_monitor
 from featurewatch import GenerationBlocked, Monitor
 from featurewatch.alertlog import JsonAlertLog
 from featurewatch.errors import ConfigError
 from featurewatch.integrations.langchain import FeatureWatchCallbackHandler
-from featurewatch.pack import DEFAULT_PACK
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Iterator[Monitor]:
-    m = Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=lc_detectors())
+    m = make_monitor(smollm, detectors=lc_detectors())
     yield m
     m.detach()
 

@@ -16,6 +16,7 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
+from conftest import make_monitor
 from featurewatch import Monitor
 from featurewatch.integrations.langchain import ChatFeatureWatch
 
@@ -69,7 +70,7 @@ class TestChatFeatureWatchUnit(_Capabilities, ChatModelUnitTests):
 
 @pytest.fixture(scope="module")
 def default_monitor(smollm: Any) -> Iterator[Monitor]:
-    monitor = Monitor(smollm.model, smollm.tokenizer, pack="smollm2-135m-instruct", model_name=smollm.name)
+    monitor = make_monitor(smollm, model_name=smollm.name)
     yield monitor
     monitor.detach()
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_markup import REQUEST, TYPED
 
-from conftest import RecordingSink
+from conftest import RecordingSink, make_monitor
 from featurewatch import Monitor
 from featurewatch.alert import MARKUP_INJECTION, Alert
 from featurewatch.records import markup_ids, parse_record
@@ -35,7 +35,7 @@ def tiny(tiny_lm_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def monitor(tiny: Any, tiny_lm_pack: Path) -> Iterator[Monitor]:
-    m = Monitor(tiny.model, tiny.tokenizer, pack=tiny_lm_pack)
+    m = make_monitor(tiny, pack=tiny_lm_pack)
     yield m
     m.detach()
 
@@ -191,10 +191,9 @@ def test_the_langchain_handler_over_a_pipeline_reports_typed_markup(monitor: Mon
 # ---------------------------------------------------------------- the README's example on the embedded model
 @pytest.mark.slow
 def test_typed_markup_does_not_switch_scam_email_off_on_the_readme_request(smollm: Any) -> None:
-    from featurewatch.pack import DEFAULT_PACK
 
     prefix = TYPED["forged assistant turn"]
-    with Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=["scam-email"]) as m:
+    with make_monitor(smollm, detectors=["scam-email"]) as m:
         clean = m.generate(REQUEST, max_new_tokens=1).phase_scores["prompt"]["scam-email"]
         typed = m.generate(prefix + REQUEST, max_new_tokens=1).phase_scores["prompt"]["scam-email"]
         # the same words with the markers typed as plain text: what a prefix costs this detector anyway

@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 
-from conftest import tiny_spec
+from conftest import HP, tiny_spec
 from featurewatch.detector import DetectorSpec, FeatureWeight
-
-HP = "layers.1"
 
 
 def one_feature() -> DetectorSpec:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import build_sae, sae16, tiny_spec
+from conftest import HP, build_sae, sae16, tiny_spec
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec
 from featurewatch.errors import (
@@ -25,7 +25,6 @@ from featurewatch.monitor import Monitor
 from featurewatch.session import current_session
 from featurewatch.sinks import BaseSink
 
-HP = "layers.1"
 WATCH = [0, 3, 5, 9]
 
 
@@ -290,3 +289,24 @@ def test_fail_closed_turns_a_fault_into_an_error(monitor: Monitor, monkeypatch: 
     with pytest.raises(MonitorError, match="ZeroDivisionError"):
         monitor.generate("abc", max_new_tokens=2)
     assert current_session() is None
+
+
+def test_a_run_its_caller_gave_up_on_ends_aborted_without_end_of_run_verdicts(
+        tiny_monitor: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Session.abort`` (the page's cancel): outcome ``aborted``, and no end-of-run verdicts are asked for."""
+    import featurewatch.runbook as runbook
+
+    judged: list[str] = []
+    final_firings = runbook.final_firings
+
+    def spy(readouts: Any, runs: Any) -> Any:
+        judged.extend(run.run_id for run in runs)
+        return final_firings(readouts, runs)
+
+    monkeypatch.setattr(runbook, "final_firings", spy)
+    m = tiny_monitor(detectors=[spec()], watch={HP: WATCH})
+    with m.session(2, run_ids=["kept", "given-up"]) as s:
+        m.model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]] * 2))
+        s.abort(1)
+    assert [r.outcome for r in s.results()] == ["completed", "aborted"]
+    assert judged == ["kept"]

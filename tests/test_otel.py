@@ -24,14 +24,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from featurewatch import GenerationBlocked, Monitor
+from conftest import HP, make_monitor
+from featurewatch import GenerationBlocked
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.otel import ALERT_EVENT, OpenTelemetrySink, otlp_tracer_provider
 from featurewatch.pack import DEFAULT_PACK, resolve_pack_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOENIX = ROOT / ".venv-phoenix" / "bin" / "phoenix"
-HP = "layers.1"
 
 
 def spec(name: str, *, action: str = "alert", min_tokens: int = 2) -> DetectorSpec:
@@ -207,8 +207,7 @@ def test_a_monitored_generation_lands_in_phoenix_with_its_alert_events(phoenix: 
     provider = otlp_tracer_provider()
     sink = OpenTelemetrySink(tracer_provider=provider, pack=DEFAULT_PACK)
     always, stop_now = lc_detectors()  # `always` alerts on any prompt; `stop-now` blocks at 3 completion tokens
-    with Monitor(smollm.model, smollm.tokenizer, pack=DEFAULT_PACK, detectors=[always, stop_now], sinks=[sink],
-                 shadow=["stop-now"]) as m:
+    with make_monitor(smollm, detectors=[always, stop_now], sinks=[sink], shadow=["stop-now"]) as m:
         result = m.generate("Write a short note to the team about Friday's picnic.", max_new_tokens=6)
     provider.shutdown()  # flush the batch
     (span,) = phoenix_spans(phoenix, lambda s: s["attributes"].get("featurewatch.run_id") == result.run_id)

@@ -30,7 +30,8 @@ import yaml
 from demo_pack import write_demo_pack
 from prometheus_client import CollectorRegistry
 
-from featurewatch import GenerationBlocked, Monitor
+from conftest import make_monitor
+from featurewatch import GenerationBlocked
 from featurewatch.alert import MARKUP_INJECTION, Alert
 from featurewatch.exposition import serve_metrics
 from featurewatch.metrics import PrometheusMetrics
@@ -78,8 +79,7 @@ def drive_events(metrics_sink: PrometheusMetrics, smollm: Any, tmp_path: Path) -
     (pack / "dangerous-content.json").write_text(json.dumps({**spec, "action": "block"}))
     manifest = json.loads((pack / "pack.json").read_text())
     (pack / "pack.json").write_text(json.dumps({**manifest, "shadow": ["dangerous-content"]}))
-    monitor = Monitor(smollm.model, smollm.tokenizer, pack=pack, sinks=[metrics_sink],
-                      model_name=smollm.name, fail_closed=True)
+    monitor = make_monitor(smollm, pack=pack, sinks=[metrics_sink], model_name=smollm.name, fail_closed=True)
 
     def run() -> list[Alert]:
         fired: list[Alert] = []

@@ -140,3 +140,23 @@ def test_bad_chats_are_rejected_at_validation_naming_the_line(tmp_path: Path, me
 def test_a_directory_is_a_record_error(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="is a directory"):
         load_records(tmp_path)
+
+
+def test_json_lines_is_the_one_reader_of_jsonl_lines_records_and_score_files() -> None:
+    """records_from_lines and the page's score files read lines through json_lines: line numbers, blank lines,
+    a BOM on the first line, errors with their reason apart from the place; strict refuses non-finite numbers."""
+    from featurewatch.records import json_lines, records_from_lines
+
+    lines = ['\ufeff{"a": 1}', "", '{"a": 2.5}']
+    assert list(json_lines(lines, lambda obj, n: (n, obj["a"]), path="x")) == [(1, 1), (3, 2.5)]
+    assert [r.id for r in records_from_lines([b'{"text": "hi"}\n', b"\n", b'{"id": "b", "text": "yo"}\n'],
+                                             path="mem")] == ["line-1", "b"]
+    assert list(json_lines(['{"a": NaN}'], lambda obj, n: obj, path="x")) == [{"a": pytest.approx(float("nan"),
+                                                                                                  nan_ok=True)}]
+    for bad in ('{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}'):
+        with pytest.raises(RecordError, match="a bad number") as info:
+            list(json_lines(["{}", bad], lambda obj, n: obj, path="scores", strict=True))
+        assert info.value.line == 2 and str(info.value).startswith("scores:2: ")
+        assert info.value.reason.startswith("a bad number")
+    with pytest.raises(RecordError, match=r"x:1: invalid JSON \(Exceeds the limit"):
+        list(json_lines(['{"a": ' + "9" * 5000 + "}"], lambda obj, n: obj, path="x"))

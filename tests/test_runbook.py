@@ -11,8 +11,8 @@ from conftest import tiny_spec
 from featurewatch.alert import Alert, RunResult
 from featurewatch.detection import Firing
 from featurewatch.runbook import RunBook
-from featurewatch.session import RunState
 from featurewatch.sinks import BaseSink, Fanout
+from featurewatch.state import RunState
 
 
 class Book(BaseSink):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from conftest import TinyTokenizer, make_pack
+from conftest import HP, TinyTokenizer, make_pack
 from featurewatch.alert import Alert
 from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.errors import ConfigError, GenerationBlocked
@@ -24,8 +24,6 @@ from featurewatch.integrations.vllm.engine import EngineMonitor
 from featurewatch.integrations.vllm.plugin import PluginConfig
 from featurewatch.metrics import PrometheusMetrics
 from featurewatch.pack import load_pack
-
-HP = "layers.1"
 
 
 def blocker(name: str = "blocker", min_tokens: int = 2) -> DetectorSpec:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import RecordingSink, build_sae, concept_pack, run_cli
+from conftest import RecordingSink, build_sae, concept_pack, make_monitor, run_cli
 from featurewatch.errors import ConfigError
 from featurewatch.intervention import STEER_LIMIT, Intervention, compile_steering
 
@@ -53,11 +53,10 @@ def test_inspect_accepts_a_saelens_hookpoint_name(pack: Path, capsys: Any, no_mo
 
 def test_the_pages_feature_api_accepts_a_saelens_hookpoint_name(tiny_lm_dir: Path, pack: Path) -> None:
     from featurewatch.models import load_model
-    from featurewatch.monitor import Monitor
     from featurewatch.ui import serve_ui
 
     loaded = load_model(str(tiny_lm_dir))
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=pack, model_name="tiny")
+    monitor = make_monitor(loaded, pack=pack, model_name="tiny")
     server = serve_ui(monitor, port=0, max_new_tokens=8)
     try:
         base = server.url.rstrip("/")

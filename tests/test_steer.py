@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
+from conftest import HP
 from featurewatch.errors import ConfigError
 from featurewatch.intervention import Intervention
 from featurewatch.monitor import Monitor
 from featurewatch.records import parse_record
 from featurewatch.steering_sweep import SweepResult, default_corpus, plot, sweep, with_strength
 
-HP = "layers.1"
 CORPUS = [parse_record({"id": f"c{i}", "text": t}, line=i) for i, t in enumerate(["hello world", "abc def ghi"])]
 
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
+from conftest import EMBEDDED_HP, make_monitor
 from featurewatch.intervention import Intervention
 from featurewatch.monitor import Monitor
 from featurewatch.pack import load_pack
 
 pytestmark = pytest.mark.slow
 
-HP = "layers.15"
 WEATHER = 3731  # top contexts: « weather», « Hurricane», « storm» (see README, Interventions)
 WEATHER_WORDS = r"weather|rain|sunny|sunshine|forecast|storm|cloud|snow|temperature|humid|umbrella|wind|hurricane"
 SILENT = 3977  # among the rarest in features.json (density 1.6e-5: « place» in "Web addresses in one place")
@@ -22,8 +22,7 @@ PROMPT = "Describe your ideal weekend."
 
 @pytest.fixture(scope="module")
 def monitor(smollm: Any) -> Any:
-    m = Monitor(smollm.model, smollm.tokenizer, pack=load_pack(), detectors=[], watch={HP: [SILENT]},
-                fail_closed=True)
+    m = make_monitor(smollm, pack=load_pack(), detectors=[], watch={EMBEDDED_HP: [SILENT]}, fail_closed=True)
     yield m
     m.detach()
 

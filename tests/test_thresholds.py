@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import make_pack
+from conftest import make_monitor, make_pack
 from featurewatch.cli import main
 from featurewatch.metrics import PrometheusMetrics
 
@@ -40,14 +40,12 @@ def _get(url: str) -> Any:
 def test_metrics_explain_and_the_page_show_the_thresholds_alerts_fire_at(tiny_lm_dir: Path, split_pack: Path,
                                                                           capsys: Any) -> None:
     from featurewatch.models import load_model
-    from featurewatch.monitor import Monitor
     from featurewatch.ui import serve_ui
 
     expected = {"split": PER_PHASE, "one": {"prompt": 0.5, "completion": 0.75}}
     registry = CollectorRegistry()
     loaded = load_model(str(tiny_lm_dir))
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=split_pack, model_name="tiny",
-                      sinks=[PrometheusMetrics(registry=registry)])
+    monitor = make_monitor(loaded, pack=split_pack, model_name="tiny", sinks=[PrometheusMetrics(registry=registry)])
     server = serve_ui(monitor, port=0, max_new_tokens=8)
     try:
         base = server.url.rstrip("/")
@@ -68,7 +66,7 @@ def test_metrics_explain_and_the_page_show_the_thresholds_alerts_fire_at(tiny_lm
     assert "fires at: prompt 2.600, completion 2.650" in capsys.readouterr().out
     # what alerts carry: the pools a run opens fire at the same numbers
     from featurewatch.detection import new_pools
-    from featurewatch.session import RunState
+    from featurewatch.state import RunState
 
     run = RunState(run_id="r", started_at=0.0)
     new_pools(run, monitor.detectors)

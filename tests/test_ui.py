@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from _browser import ELEMENT, Driver, find_chrome
 
-from conftest import make_pack
+from conftest import make_monitor, make_pack
 from featurewatch.sinks import BaseSink
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,10 @@ def ui_pack(tmp_path_factory: Any) -> Path:
 def ui(tiny_lm_dir: Path, ui_pack: Path) -> Any:
     """A live server over a monitor on the tiny model: ``(server, monitor)``."""
     from featurewatch.models import load_model
-    from featurewatch.monitor import Monitor
     from featurewatch.ui import serve_ui
 
     loaded = load_model(str(tiny_lm_dir))
-    monitor = Monitor(loaded.model, loaded.tokenizer, pack=ui_pack, model_name="tiny")
+    monitor = make_monitor(loaded, pack=ui_pack, model_name="tiny")
     server = serve_ui(monitor, port=0, max_new_tokens=64)
     yield server, monitor
     server.close()
@@ -196,7 +195,7 @@ def test_token_feature_and_detector_answers(ui: Any) -> None:
     ("GET", "/api/runs/nope/events", None, 404, "no run 'nope'"),
     ("GET", "/api/runs/nope/tokens/3", None, 404, "no run 'nope'"),
     ("GET", "/api/nothing", None, 404, "no API"),
-    ("POST", "/api/scores", {"text": "{\"id\": 1}\n"}, 400, "line 1 is not a featurewatch score line"),
+    ("POST", "/api/scores", {"text": "{\"id\": 1}\n"}, 400, "line 1: not a featurewatch score line"),
     ("POST", "/api/steer", {"prompt": "hi", "hookpoint": "layers.1", "feature": 1, "value": "x"}, 400, "'value'"),
     ("GET", "/static/../featurewatch/ui/server.py", None, 404, "no page"),
 ])
@@ -385,8 +384,8 @@ def test_a_last_event_id_resumes_after_that_event(ui: Any) -> None:
     ("/api/runs", b'{"prompt": "hi", "max_new_tokens": 1' + b"0" * 5000 + b"}", "more than 16 digits"),
     ("/api/steer", b'{"prompt": "hi", "hookpoint": "layers.1", "feature": 1, "value": 1e309}', "not a finite double"),
     ("/api/steer", b'{"prompt": "hi", "hookpoint": "layers.1", "feature": 1, "value": 1e308}', "-1000..1000"),
-    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": NaN}}\n'}).encode(), "line 1 has a bad"),
-    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": 1e999}}\n'}).encode(), "line 1 has a bad"),
+    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": NaN}}\n'}).encode(), "line 1: a bad number"),
+    ("/api/scores", json.dumps({"text": '{"id": "a", "scores": {"demo": 1e999}}\n'}).encode(), "line 1: a bad number"),
     ("/api/runs", b'\xff{"prompt": "hi"}', "not UTF-8"),
 ])
 def test_input_that_used_to_be_a_500_is_a_400_naming_the_problem(ui: Any, path: str, body: bytes,
@@ -510,6 +509,8 @@ def test_cancel_stops_the_generation_within_a_decode_step(ui: Any, counter: Coun
     assert counter.n == after  # nothing more runs
     done = run.events[-1]
     assert done[0] == "done" and done[1]["cancelled"] is True
+    # counted as given up, not as a completed generation: no end-of-run verdicts
+    assert done[1]["outcome"] == "aborted" and run.session.result(0).outcome == "aborted"
     n_new = sum(run.session.rows[0].completion)
     assert n_new < 10
     # its slot is free at once: a new run starts (not a 429)
@@ -518,6 +519,7 @@ def test_cancel_stops_the_generation_within_a_decode_step(ui: Any, counter: Coun
     events(server, again["run_id"])
     status, answer = call(server, "POST", f"/api/runs/{again['run_id']}/cancel")
     assert status == 200 and answer["cancelled"] is False  # it had ended on its own
+    assert server.app.run(again["run_id"]).events[-1][1]["outcome"] == "completed"
     assert call(server, "POST", "/api/runs/nope/cancel")[0] == 404
 
 

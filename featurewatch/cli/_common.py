@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
+from ..alert import finite
 from ..errors import FeatureWatchError
 
 if TYPE_CHECKING:
@@ -157,17 +158,6 @@ def progress() -> Callable[..., Any]:
     from tqdm import tqdm
 
     return partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-def finite(obj: Any) -> Any:
-    """``obj`` with every NaN or infinity replaced by None: standard JSON has no such numbers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def json_line(obj: Any) -> str:

@@ -8,12 +8,16 @@ Why it is built this way:
   only their own tokens. The app is a monitor *sink*: after each forward pass
   (``on_forward``, called in the generating thread) it reads the new tokens and
   their per-token detector scores from the current session
-  (:meth:`~featurewatch.session.Session.token_scores`) and appends them to that
-  run's event list; alerts arrive through an ``on_alert`` callback and are routed
-  by run id. Nothing is recomputed for the page: it shows what the pools read.
+  (:func:`~featurewatch.scoring.token_rows`, the rows ``score --token-scores`` writes) and appends
+  them to that run's event list; alerts arrive through an ``on_alert`` callback and are routed
+  by run id. Nothing is recomputed for the page: it shows what the pools read, a token's
+  contributions are :func:`~featurewatch.detection.contributions`, the context check is
+  generation's (:func:`~featurewatch.generation.check_context`), and a score file is read by
+  :func:`~featurewatch.records.json_lines`.
 * A run's events are kept in a list (not a queue), so a page that reconnects
   (``Last-Event-ID``) or subscribes late gets every event. A run can be cancelled:
-  a stopping criterion next to ``block``'s ends it after the decode step in flight.
+  a stopping criterion next to ``block``'s ends it after the decode step in flight, and
+  the run ends ``aborted`` (given up on, not completed).
 * HTTP is a maintained stack: Starlette routes on uvicorn (its ``h11`` parser frames
   every request, so a body is never read as a second request), and
   ``sse-starlette`` streams the events. :class:`Guard`, the one middleware, holds the
@@ -45,6 +49,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -52,7 +57,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from pydantic import ValidationError
 
-from ..errors import ConfigError, FeatureWatchError, GenerationBlocked, PortInUse
+from ..alert import finite
+from ..errors import ConfigError, FeatureWatchError, GenerationBlocked, PortInUse, RecordError
 from ..models import normalize_hookpoint
 from ..sinks import BaseSink
 
@@ -130,10 +136,6 @@ def static_file(name: str) -> bytes | None:
     return entry.read_bytes() if entry.is_file() else None
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 # --------------------------------------------------------------------------- JSON in and out
 class _BadNumber(ValueError):
     pass
@@ -207,23 +209,13 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _clean(value: Any) -> Any:
-    """Non-finite floats as ``null``: an answer is always valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def json_bytes(obj: Any) -> bytes:
-    text = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False)
+    """An answer as standard JSON: non-finite floats as ``null`` (:func:`~featurewatch.alert.finite`)."""
+    text = json.dumps(finite(obj), ensure_ascii=False, allow_nan=False)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a decoder: escaped, still valid JSON
-        return json.dumps(_clean(obj), ensure_ascii=True, allow_nan=False).encode("ascii")
+        return json.dumps(finite(obj), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -236,10 +228,15 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message, "status": status}, status, {**(headers or {}), "connection": "close"})
 
 
+def _get_or_zero(values: dict[int, float], key: int) -> float:
+    return values.get(key, 0.0)
+
+
 # --------------------------------------------------------------------------- runs
 class _Cancelled:
     """A stopping criterion for ``model.generate``, next to :class:`~featurewatch.generation.StopBlocked`:
-    once ``event`` is set, generation stops after the decode step in flight."""
+    once ``event`` is set, generation stops after the decode step in flight, and its run ends ``aborted``
+    (the page gave up on it: :meth:`~featurewatch.session.Session.abort`)."""
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
@@ -248,7 +245,11 @@ class _Cancelled:
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
         import torch
 
+        from ..session import current_session
+
         stop = self.event.is_set()
+        if stop and not self.fired and (session := current_session()) is not None:
+            session.abort()
         self.fired = self.fired or stop
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
@@ -374,7 +375,7 @@ class UIApp(BaseSink):
 
     def _prompt(self, body: dict[str, Any]) -> tuple[Any, bool, int]:
         """Validate a prompt request: ``(prompt, chat, max_new_tokens)``; 400 naming the fix otherwise."""
-        from ..generation import render_prompt
+        from ..generation import check_context, render_prompt
 
         prompt = body.get("prompt", body.get("messages"))
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
@@ -387,12 +388,9 @@ class UIApp(BaseSink):
             raise bad_request(f"max_new_tokens must be an integer in 1..{self.max_new_tokens}, got {n!r}")
         try:
             rendered = render_prompt(prompt, self.monitor.tokenizer, chat=chat)
+            check_context(self.monitor.model, len(rendered.ids), n)
         except ConfigError as exc:
             raise bad_request(str(exc)) from None
-        context = getattr(getattr(self.monitor.model, "config", None), "max_position_embeddings", None)
-        if context is not None and len(rendered.ids) + n > context:
-            raise bad_request(f"the prompt is {len(rendered.ids)} tokens; with max_new_tokens={n} that exceeds the "
-                              f"model's context of {context}: shorten the prompt or lower max_new_tokens")
         return prompt, chat, n
 
     def start_run(self, body: dict[str, Any]) -> Run:
@@ -487,16 +485,13 @@ class UIApp(BaseSink):
         run.pending.append(data)
 
     def _flush(self, run: Run, session: Session) -> None:
-        """Send the tokens read since the last step, then the alerts they fired."""
-        row = session.rows[0]
-        end = len(row.token_ids)
-        scores = session.token_scores(0, start=run.sent)
+        """Send the tokens read since the last step (:func:`~featurewatch.scoring.token_rows`, as
+        ``score --token-scores`` writes them), then the alerts they fired."""
+        from ..scoring import token_rows
+
+        end = len(session.rows[0].token_ids)
         if end > run.sent:
-            tokens = []
-            for i, pos in enumerate(range(run.sent, end)):
-                tokens.append({"p": pos, "t": self._decode(row.token_ids[pos]),
-                               "ph": "completion" if row.completion[pos] else "prompt", "x": not row.read[pos],
-                               "s": {name: round(v[i], 5) for name, v in scores.items() if i < len(v)}})
+            tokens = [t.model_dump() for t in token_rows(session, 0, start=run.sent, stop=end)]
             run.sent = end
             run.push("tokens", {"tokens": tokens})
         pending, run.pending = run.pending, []
@@ -507,6 +502,8 @@ class UIApp(BaseSink):
     # ------------------------------------------------------------------ inspector, cards
     def token(self, run_id: str, position: int) -> dict[str, Any]:
         """A token's strongest SAE features with each one's contribution to each detector's token score."""
+        from ..detection import contributions
+
         run = self.run(run_id)
         if not run.done or run.session is None:
             raise HTTPError(HTTPStatus.CONFLICT, "the run is still generating; inspect its tokens when it ends")
@@ -527,17 +524,19 @@ class UIApp(BaseSink):
             r = readings[position]
             out.update(token=r.text, phase=r.phase, excluded=r.excluded)
             acts = {**r.features, **dict(r.top)}
-            weights = {d.name: {f.id: f.weight for f in d.features} for d in readout.detectors if d.kind == "sae"}
-            totals = {name: sum(abs(w * acts.get(f, 0.0)) for f, w in ws.items()) for name, ws in weights.items()}
+            activation = partial(_get_or_zero, acts)
+            parts = {d.name: {f.id: c for f, _, c in contributions(d, activation)}
+                     for d in readout.detectors if d.kind == "sae"}  # wᵢ·aᵢ at this token
+            totals = {name: sum(abs(c) for c in cs.values()) for name, cs in parts.items()}
             features = []
             for f, a in sorted(acts.items(), key=lambda kv: -kv[1]):
-                contributions = {name: ws[f] * a for name, ws in weights.items() if f in ws}
+                by_detector = {name: cs[f] for name, cs in parts.items() if f in cs}
                 pack, hp = self.pack, readout.hookpoint
                 features.append({"feature": f, "activation": a, "label": pack.label(hp, f) if pack else None,
                                  "max_activation": pack.max_activation(hp, f) if pack else None,
-                                 "contributions": contributions,
+                                 "contributions": by_detector,
                                  "shares": {k: (abs(c) / totals[k] if totals[k] else None)
-                                            for k, c in contributions.items()}})
+                                            for k, c in by_detector.items()}})
             out["hookpoints"].append({"hookpoint": readout.hookpoint, "features": features})
         return out
 
@@ -609,31 +608,25 @@ class UIApp(BaseSink):
 
     def scores(self, text: str) -> dict[str, Any]:
         """Parse a ``featurewatch score`` output file; 400 naming the first bad line."""
+        from ..records import json_lines
         from ..scoring import ScoreRow
 
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        def score_row(obj: Any, line: int) -> dict[str, Any]:
             try:
-                obj = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
-            except _BadNumber as exc:
-                raise bad_request(f"line {i} has a bad number: {exc}; drop the output of `featurewatch score`"
-                                  ) from None
-            except (ValueError, RecursionError):
-                raise bad_request(f"line {i} is not JSON; drop the output of `featurewatch score`") from None
-            try:
-                check_json_value(obj, what=f"line {i}")
+                check_json_value(obj, what="the line")
             except HTTPError as exc:
-                raise bad_request(f"{exc.message}; drop the output of `featurewatch score`") from None
+                raise RecordError(exc.message, line=line) from None
             try:
-                row = ScoreRow.model_validate(obj).model_dump(mode="json")
+                return ScoreRow.model_validate(obj).model_dump(mode="json")
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = ".".join(map(str, err["loc"])) or "the line"
-                raise bad_request(f"line {i} is not a featurewatch score line ({where}: {err['msg']}); drop the "
-                                  "output of `featurewatch score`") from None
-            rows.append(row)
+                raise RecordError(f"not a featurewatch score line ({where}: {err['msg']})", line=line) from None
+
+        try:
+            rows = list(json_lines(text.splitlines(), score_row, path="the file", strict=True))
+        except RecordError as exc:
+            raise bad_request(f"line {exc.line}: {exc.reason}; drop the output of `featurewatch score`") from None
         if not rows:
             raise bad_request("the file has no score lines; drop the output of `featurewatch score`")
         detectors = sorted({d for r in rows for d in r["scores"]})

@@ -4,7 +4,7 @@
 the same readouts, pools and firings, driven by vLLM's steps instead of
 Hugging Face forward calls. Per step, :meth:`begin_step` maps the runner's
 flattened batch to :class:`~featurewatch.positions.StepTokens` (a
-:class:`~featurewatch.session.RunState` per request id, created on first
+:class:`~featurewatch.state.RunState` per request id, created on first
 sight), each tapped decoder layer calls :meth:`on_layer` with its output
 (``hidden + residual`` is the residual stream), and :meth:`end_step` reports the
 step. Requests vLLM has finished are closed by :meth:`finish` with their final
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...alert import PHASES, Alert, RunResult
+from ...alert import Alert, RunResult
 from ...detection import Firing, observe
 from ...detector import DetectorSpec
 from ...errors import ConfigError
@@ -39,8 +39,8 @@ from ...markup import ChatMarkup
 from ...pack import Pack
 from ...readout import Readout, build_readouts
 from ...runbook import RunBook, ShadowSwitch, pack_shadow, shadow_set
-from ...session import FeatureTotals, RunState
 from ...sinks import Fanout, Sink
+from ...state import FeatureTotals, RunState, record_tokens
 from .batch import Scheduled, step_tokens
 from .options import RUN_ID_MAX, SERVER_DEFAULT, RequestPolicy, decide, safe_run_id
 
@@ -134,10 +134,7 @@ class EngineMonitor:
         prompt = list(getattr(request, "prompt_token_ids", None) or [])
         state = RunState(run_id=self._distinct_run_id(req_id), started_at=self.clock())
         for readout in self.readouts:
-            m = len(readout.feature_ids)
-            for phase in PHASES:
-                state.feature_sums[(readout.hookpoint, phase)] = torch.zeros(m)
-                state.feature_counts[(readout.hookpoint, phase)] = torch.zeros((), dtype=torch.long)
+            FeatureTotals.zeros(1, len(readout.feature_ids)).bind([state], readout.hookpoint)
         reading = self.masker.read(prompt)
         live = _Live(state, len(prompt), reading.content, detectors, reading.injected)
         self.runs[req_id] = live
@@ -187,12 +184,7 @@ class EngineMonitor:
             tokens = replace(tokens, counts=(), **{k: getattr(tokens, k)[fresh] for k in  # counts: recounted
                                                    ("run", "position", "completion", "read", "steerable",
                                                     "token_id")})
-        for r, tid, rd, comp in zip(tokens.run.tolist(), tokens.token_id.tolist(), tokens.read.tolist(),
-                                    tokens.completion.tolist()):
-            run = runs[r]
-            run.token_ids.append(tid)
-            run.read.append(rd)
-            run.completion.append(comp)
+        record_tokens(runs, tokens)
         for rid in req_ids:
             live = self.runs.get(rid) if rid is not None else None
             # typed chat markup: one alert, once the prompt is read up to its last span (prefills may be chunked)
@@ -219,15 +211,10 @@ class EngineMonitor:
                 feats = readout.features(x)
                 scores = readout.scores(x, feats).cpu() if readout.detectors else None
                 # the step's feature sums per (run, phase), added to each run's before its alerts are built
-                m, n_runs = feats.shape[1], len(step.tokens.counts)  # runs past counts have no token here
-                totals = FeatureTotals(torch.zeros(2 * n_runs, m), torch.zeros(2 * n_runs, dtype=torch.long))
+                # (runs past counts have no token here)
+                totals = FeatureTotals.zeros(len(step.tokens.counts), feats.shape[1])
                 firings = observe(readout, step.runs, step.tokens, feats.cpu(), scores, totals)
-                for r, run in enumerate(step.runs[:n_runs]):
-                    for p, phase in enumerate(PHASES):
-                        key = (readout.hookpoint, phase)
-                        if key in run.feature_sums:
-                            run.feature_sums[key] += totals.sums[2 * r + p]
-                            run.feature_counts[key] += totals.counts[2 * r + p]
+                totals.add_to(step.runs, readout.hookpoint)
                 for firing in firings:
                     self._fire(step.runs[firing.row], firing)
         except Exception as exc:  # noqa: BLE001 — fail-open policy of Monitor: the run goes on, degraded
