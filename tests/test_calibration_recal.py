@@ -66,6 +66,12 @@ def test_formatting_features_are_recognised_from_their_top_contexts() -> None:
     assert not is_formatting({"label": "money and finance words",
                               "top_contexts": ["the« bank» said", "a« loan» of", "«wire» transfer"]})
     assert not is_formatting(None)
+    # a word placed by punctuation is a word; markup and preamble words still make a feature formatting
+    assert not is_formatting({"label": "'but' after a comma introducing contrast", "top_contexts": []})
+    assert not is_formatting({"label": "concessive 'though'/'although' after a comma", "top_contexts": []})
+    assert is_formatting({"label": "'ass' of 'assistant' role marker after <|im_start|>", "top_contexts": []})
+    assert is_formatting({"label": "'u' inside speaker labels (dialogue markup)", "top_contexts": []})
+    assert is_formatting({"label": "'⏎' newline between paragraphs", "top_contexts": []})
     system = "<|im_start|>system⏎You are a helpful AI assistant named Smol«LM», trained by"
     assert is_formatting({"label": None, "top_contexts": [system] * 4 + ["the« bank» said"]})
 

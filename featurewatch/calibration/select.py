@@ -17,6 +17,10 @@ _DEFAULT_SYSTEM = "AI assistant named SmolLM"  # SmolLM2's default system prompt
 _FORMAT_WORDS = ("punctuation", "newline", "whitespace", "indent", "period", "comma", "paragraph break",
                  "markup", "system prompt", "chat template", "colon", "bracket", "quote mark", "'⏎'",
                  "digits", "sentence end", "line break", "role token", "role name", "im_start")
+# formatting words a label may use only to say where a word sits ("'and' after a comma")
+_POSITIONAL_WORDS = {"punctuation", "newline", "period", "comma", "paragraph break", "colon", "bracket", "quote mark",
+                     "sentence end", "line break", "digits", "whitespace", "indent"}
+_QUOTED_WORD = re.compile(r"['‘\"“][^'’\"”⏎]*[a-z][^'’\"”]*['’\"”]")  # a quoted token with a letter in it
 
 
 def is_formatting(info: dict[str, Any] | None, *, share: float = 0.6) -> bool:
@@ -24,7 +28,10 @@ def is_formatting(info: dict[str, Any] | None, *, share: float = 0.6) -> bool:
     if not info:
         return False
     label = str(info.get("label") or "").lower()
-    if any(w in label for w in _FORMAT_WORDS) and not label.startswith("mixed"):
+    said = [w for w in _FORMAT_WORDS if w in label]
+    # "'but' after a comma": a word, placed by punctuation; only markup and preamble words make it formatting
+    word = _QUOTED_WORD.search(label) is not None and not set(said) - _POSITIONAL_WORDS
+    if said and not word and not label.startswith("mixed"):
         return True
     contexts = list(info.get("top_contexts", []))
     # the highlighted token inside a system prompt: a feature of the operator's preamble
