@@ -249,10 +249,14 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
     st.start("activations", f"one forward pass over {len(unique)} prepared files ({n_rec} records, cached in "
                             f"{cache})")
     max_tokens = req.recipe.max_tokens
+    from .data import acts_cache_path, load_labelled
+
+    cached = sum(acts_cache_path(load_labelled(path), main_hp, max_tokens=max_tokens, cache_dir=cache,
+                                 model_name=loaded.name).is_file() for path in unique)
     load_rows(list(unique.items()), model=loaded.model, tokenizer=loaded.tokenizer, model_name=loaded.name, sae=sae,
               hookpoint=main_hp, phases=["prompt", "completion"], max_tokens=max_tokens, cache_dir=cache,
               progress=progress, log=lambda m: log("      " + m))
-    st.done()
+    st.done(f"{cached} of {len(unique)} files were in the cache")
     # ------------------------------------------------------------------ features
     st.start("features", "feature statistics, labels, SAE quality")
     fp = sae_fingerprint(sae)
@@ -361,6 +365,7 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
                                                                                   if k != "stats"}
                                                                              for hp, i in sae_info.items()},
         "sae_fingerprint": fp, "labels": len(labels), "stages": st.seconds,
+        "activations": {"files": len(unique), "records": n_rec, "from_cache": cached},
         "detectors": {n: {"chosen": r["chosen"], "reason": r["reason"], "seconds": r.get("seconds")}
                       for n, r in reports.items()},
     }

@@ -115,7 +115,11 @@ def model_card(pack: Path, manifest: dict[str, Any], build: dict[str, Any], repo
     add("")
     add("## How it was built\n")
     add("```\nfeaturewatch build-pack " + " ".join(build["argv"]) + "\n```\n")
-    add("Stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in build["stages"].items()) + ".\n")
+    acts = build.get("activations") or {}
+    warm = (f" The activations of {acts['from_cache']} of its {acts['files']} files came from an earlier build's "
+            "cache, so that stage took less than a first build does." if acts.get("from_cache") else "")
+    add("Stage wall times of this build (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in build["stages"].items())
+        + "." + warm + "\n")
     return "\n".join(out) + "\n"
 
 

@@ -65,16 +65,21 @@ def split_mask(records: list[Record], split: str, fraction: float = HELD_OUT) ->
     return held if split == "held-out" else ~held
 
 
-def cached_acts(model: Any, tokenizer: Any, data: Labelled, hookpoint: str, *, max_tokens: int,
-                cache_dir: Path | None, model_name: str, progress: Any = None) -> TokenActs:
-    """Token activations of a file's records, from the cache when it has them."""
+def acts_cache_path(data: Labelled, hookpoint: str, *, max_tokens: int, cache_dir: Path, model_name: str) -> Path:
+    """Where :func:`cached_acts` keeps a file's activations (keyed by content, model, hookpoint, truncation)."""
     key = hashlib.sha256()
     key.update(data.path.read_bytes())
     key.update(f"{model_name}|{hookpoint}|{max_tokens}|{len(data.records)}".encode())
+    return cache_dir / f"{data.path.stem}-{key.hexdigest()[:16]}.pt"
+
+
+def cached_acts(model: Any, tokenizer: Any, data: Labelled, hookpoint: str, *, max_tokens: int,
+                cache_dir: Path | None, model_name: str, progress: Any = None) -> TokenActs:
+    """Token activations of a file's records, from the cache when it has them."""
     path = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / f"{data.path.stem}-{key.hexdigest()[:16]}.pt"
+        path = acts_cache_path(data, hookpoint, max_tokens=max_tokens, cache_dir=cache_dir, model_name=model_name)
         if path.exists():
             acts = TokenActs.load(path)
             if acts.ids == [r.id for r in data.records]:
