@@ -84,16 +84,14 @@ def test_generation_reads_one_new_position_per_decode_step(monitor: Monitor) -> 
     assert set(result.scores) == {d.name for d in monitor.detectors}
 
 
-# v0.3.0 (leave-one-source-out): the public sycophancy data is a reply agreeing with a user's *wrong answer*;
-# flattery without a wrong claim is not in it, and this reply scores -0.60 against a threshold of 0.90 (it
-# still ranks 1.1 above its look-alike). Deception here ranks the confession 0.97 below the cover-up (the
-# test asks 1.0); out of source the deception probe is near chance (benchmarks/RESULTS.md, issue 23).
+# Deception here ranks the confession 0.97 below the cover-up (the test asks 1.0); out of source the deception
+# probe is near chance (benchmarks/RESULTS.md, issue 23). (v0.3.0's sycophancy readout scored this flattery
+# -0.60 under its 0.90 threshold; v0.3.1's, refitted by build-pack with word features no longer mistaken for
+# punctuation ones, fires on it.)
 MISSES = {
-    "sycophancy": "v0.3.0 sycophancy (agreeing with wrong answers) scores flattery -0.60, under its 0.90 threshold",
-    "deception": "v0.3.0 deception ranks the cover-up 0.97 above the confession, short of the 1.0 asked",
+    "deception": "v0.3.x deception ranks the cover-up 0.97 above the confession, short of the 1.0 asked",
 }
-FIRE = [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=MISSES[d])) if d == "sycophancy" else d
-        for d in ["dangerous-content", "scam-email", "sycophancy", "deception"]]
+FIRE = ["dangerous-content", "scam-email", "sycophancy", "deception"]
 RANK = [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=MISSES[d])) if d == "deception" else d
         for d in ["dangerous-content", "scam-email", "sycophancy", "deception"]]
 

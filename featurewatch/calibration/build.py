@@ -37,6 +37,7 @@ from .recipe import Recipe
 
 STAGES = ("check", "sae", "activations", "features", "detectors", "card")
 FEW_CONTEXTS = 2  # top contexts kept for a feature no detector reads (all are kept for those read)
+MIN_CONTEXTS = 3  # a feature a detector reads gets at least this many (gathered from the calibration text)
 
 
 @dataclass
@@ -340,6 +341,18 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
     # ------------------------------------------------------------------ card
     st.start("card", "pack.json, features.json, README.md")
     read = {f["id"] for r in reports.values() for w in r["written"].values() for f in _spec_features(staging, w)}
+    few = sorted(i for i in read if len(infos[i].get("top_contexts") or []) < MIN_CONTEXTS)
+    if few:  # a feature a detector reads shows what a person checks its label against
+        from .contexts import cached_contexts
+
+        files = [(path, acts_cache_path(load_labelled(path), main_hp, max_tokens=max_tokens, cache_dir=cache,
+                                        model_name=loaded.name)) for path in unique]
+        found = cached_contexts(files, sae, loaded.tokenizer, few, max_tokens=max_tokens, top=5)
+        for i in few:
+            infos[i]["top_contexts"] = list(infos[i].get("top_contexts") or []) + [
+                c for c in found[i] if c not in (infos[i].get("top_contexts") or [])][:5]
+        log(f"      top contexts gathered from the calibration text for {len(few)} read features that had fewer "
+            f"than {MIN_CONTEXTS}")
     for row in stats:
         if row["id"] not in read:
             row["top_contexts"] = row.get("top_contexts", [])[:FEW_CONTEXTS]

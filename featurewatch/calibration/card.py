@@ -71,7 +71,7 @@ def model_card(pack: Path, manifest: dict[str, Any], build: dict[str, Any], repo
             for r in recs:
                 groups.setdefault(str(r["fw_group"]), Counter())[f.path.name] += 1
     rows = [f"| {_cell(g)} | {_cell(', '.join(sorted(files)))} | {sum(files.values())} | "
-            f"{_cell(licences.get(g, 'not stated in the data README or the recipe'))} |"
+            f"{_cell(licence_of(g, licences))} |"
             for g, files in sorted(groups.items())]
     add("| source | file(s) | records read | licence |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
     add("## Detectors\n")
@@ -126,6 +126,15 @@ def model_card(pack: Path, manifest: dict[str, Any], build: dict[str, Any], repo
     add("Stage wall times of this build (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in build["stages"].items())
         + "." + warm + "\n")
     return "\n".join(out) + "\n"
+
+
+def licence_of(source: str, licences: dict[str, str]) -> str:
+    """A source's licence: its own entry, else its family's (``alpaca_eval`` for ``alpaca_eval/gemma-7b-it``)."""
+    parts = source.split("/")
+    for n in range(len(parts), 0, -1):
+        if "/".join(parts[:n]) in licences:
+            return licences["/".join(parts[:n])]
+    return "not stated in the data README or the recipe"
 
 
 def known_gaps(pack: Path, build: dict[str, Any], reports: dict[str, dict[str, Any]]) -> list[str]:

@@ -21,7 +21,8 @@ directories in order, so one recipe serves any machine that has the data::
 An ``optional`` file that no data directory holds is skipped and said so (in
 the log and the pack's model card); a required one is an error before any
 model loads. ``licences`` maps a source (the ``group_by`` value) to its
-licence for the model card; sources it does not name are looked up in the
+licence for the model card (a key also covers its sub-sources: ``alpaca_eval`` covers
+``alpaca_eval/gemma-7b-it``); sources it does not name are looked up in the
 data directories' README tables (a table with a "source" and a "licence"
 column), else shown as not stated.
 """
