@@ -37,6 +37,7 @@ from .recipe import Recipe
 
 STAGES = ("check", "sae", "activations", "features", "detectors", "card")
 FEW_CONTEXTS = 2  # top contexts kept for a feature no detector reads (all are kept for those read)
+STATS_TOKENS = 30_000  # tokens feature statistics are measured on when the SAE's quality is already known
 MIN_CONTEXTS = 3  # a feature a detector reads gets at least this many (gathered from the calibration text)
 
 
@@ -281,13 +282,16 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
         from ..training.evaluate import evaluate_sae
 
         records = [r for path in unique for r in load_records(path)]
+        known = "quality" in sae_info[main_hp]  # then only the statistics are measured: fewer tokens, no CE splice
         report = evaluate_sae(loaded.model, loaded.tokenizer, sae, records, main_hp, ctx=min(256, max_tokens + 64),
-                              eval_tokens=req.eval_tokens, ce_tokens=req.ce_tokens, progress=progress,
+                              eval_tokens=min(req.eval_tokens, STATS_TOKENS) if known else req.eval_tokens,
+                              ce_tokens=0 if known else req.ce_tokens, progress=progress,
                               stats_path=stats_file if stats is None else None)
-        quality = _quality(report)
-        quality["measured_on"] = f"the calibration text ({report['eval_tokens']} tokens)"
-        quality_file.write_text(json.dumps(quality) + "\n")
-        sae_info[main_hp].setdefault("quality", quality)
+        if not known:
+            quality = _quality(report)
+            quality["measured_on"] = f"the calibration text ({report['eval_tokens']} tokens)"
+            quality_file.write_text(json.dumps(quality) + "\n")
+            sae_info[main_hp]["quality"] = quality
         if stats is None:
             stats = json.loads(stats_file.read_text("utf-8"))[main_hp]
     for row in stats:

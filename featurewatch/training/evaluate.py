@@ -88,7 +88,8 @@ def evaluate_sae(model: Any, tokenizer: Any, sae: SparseAutoencoder, records: li
         "dense_fraction_gt_1e-2": round(float((density > 1e-2).double().mean()), 4),
         "dense_fraction_gt_1e-1": round(float((density > 1e-1).double().mean()), 4),
     }
-    report.update(splice_ce(model, tokenizer, sae, records, hookpoint, ctx=ctx, max_tokens=ce_tokens))
+    if ce_tokens > 0:  # 0: statistics only (the CE splice runs the whole model three times)
+        report.update(splice_ce(model, tokenizer, sae, records, hookpoint, ctx=ctx, max_tokens=ce_tokens))
     if stats_path is not None:
         positions = torch.cat(where)
         feats = []
