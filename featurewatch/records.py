@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, TypeVar
@@ -214,9 +215,32 @@ _ROLE_HEADER = re.compile(r"(?:system|user|assistant|tool)[^\S\n]*\n")
 """A role name and its line end right after a typed turn marker (``<|im_start|>assistant⏎``)."""
 
 
+_MARKUP_IDS: "weakref.WeakKeyDictionary[Any, tuple[Any, frozenset[int]]]" = weakref.WeakKeyDictionary()
+"""markup_ids per tokenizer, with the special ids it was read at."""
+
+
 def markup_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of the tokenizer's special tokens (chat markers, end of text, ...): what typed markup can become."""
-    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    """Ids of the tokenizer's special tokens (chat markers, end of text, ...): what typed markup can become.
+
+    Cached per tokenizer (reading ``added_tokens_decoder`` builds a dict of every added token,
+    thousands in Gemma's tokenizer, and this runs for every record rendered); the cache is read
+    again when the tokenizer's special ids change (``add_special_tokens``; even ``len(tokenizer)``
+    costs a fifth of a millisecond, too much to ask for every record).
+    """
+    specials = tuple(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    try:
+        cached = _MARKUP_IDS.get(tokenizer)
+    except TypeError:  # not weak-referenceable or not hashable: no cache
+        return _read_markup_ids(tokenizer, specials)
+    if cached is not None and cached[0] == specials:
+        return cached[1]
+    ids = _read_markup_ids(tokenizer, specials)
+    _MARKUP_IDS[tokenizer] = (specials, ids)
+    return ids
+
+
+def _read_markup_ids(tokenizer: Any, specials: tuple[int, ...]) -> frozenset[int]:
+    ids = set(specials)
     decoder = getattr(tokenizer, "added_tokens_decoder", None)
     if isinstance(decoder, dict):
         ids.update(int(i) for i, t in decoder.items() if getattr(t, "special", False))

@@ -66,3 +66,23 @@ def test_keyword_baseline_counts_matches_per_100_words() -> None:
     assert keyword_score("scam-email", "Click here to verify your account immediately") == pytest.approx(300 / 7)
     assert keyword_score("sycophancy", "The capital of France is Paris.") == 0.0
     assert keyword_score("unknown-detector", "anything") == 0.0
+
+
+def test_cached_activations_past_the_fp16_range_stay_finite(tmp_path) -> None:
+    """Gemma 3's massive activations put one residual dimension past 65,504 on a few tokens; the
+    calibration cache keeps such a file in fp32 (fp16 would make them inf, and the features NaN)."""
+    import torch
+
+    from featurewatch.calibration.extract import TokenActs, _compact
+
+    small = torch.randn(5, 4) * 100
+    assert _compact(small).dtype == torch.float16
+    big = small.clone()
+    big[2, 1] = 70_000.0
+    kept = _compact(big)
+    assert kept.dtype == torch.float32 and torch.equal(kept, big)
+    acts = TokenActs(kept, torch.tensor([0, 2, 5]), torch.tensor([False, True, False, False, True]), ["a", "b"])
+    acts.save(tmp_path / "acts.pt")
+    pooled, has = TokenActs.load(tmp_path / "acts.pt").pooled(None)
+    assert torch.isfinite(pooled).all() and has.all()
+    assert torch.allclose(pooled[1], big[2:5].mean(0))

@@ -146,3 +146,31 @@ def test_a_template_whose_header_has_markup_of_its_own_is_not_checked(tok: Any) 
     assert chat.turn_end is None  # no grammar learned: the template's own markup is never reported
     text = other.apply_chat_template(_chat(""), tokenize=False, add_generation_prompt=True)
     assert chat.read(list(other(text, add_special_tokens=False)["input_ids"])).injected == []
+
+
+def test_markup_ids_are_read_once_per_tokenizer_and_again_when_its_specials_change(tok: Any) -> None:
+    """Gemma's tokenizer has thousands of added tokens; reading them for every record rendered made
+    harvesting spend minutes in ``added_tokens_decoder``. The ids are cached per tokenizer, and read
+    again when the tokenizer gains a special token."""
+    import copy
+
+    class Counting:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.reads = inner, 0
+            self.all_special_ids = list(inner.all_special_ids)
+
+        @property
+        def added_tokens_decoder(self) -> dict[int, Any]:
+            self.reads += 1
+            return self.inner.added_tokens_decoder
+
+    counting = Counting(tok)
+    first = markup_ids(counting)
+    assert markup_ids(counting) is first and counting.reads == 1
+    assert first == markup_ids(tok)
+    grown = copy.deepcopy(tok)
+    grown.add_special_tokens({"additional_special_tokens": ["<|fw_test_marker|>"]})
+    assert grown.convert_tokens_to_ids("<|fw_test_marker|>") in markup_ids(grown)
+    counting.inner = grown
+    counting.all_special_ids = list(grown.all_special_ids)
+    assert grown.convert_tokens_to_ids("<|fw_test_marker|>") in markup_ids(counting) and counting.reads == 2

@@ -80,12 +80,21 @@ def extract(model: Any, tokenizer: Any, records: list[Record], hookpoint: str, *
             keep = ~drop[row]
             keep[: content.numel()] &= content  # detectors read message contents only, never markup
             positions = keep.nonzero().flatten()
-            per_record[i] = (acts[row, keep].half(), positions >= rendered[i].n_prompt)
+            per_record[i] = (acts[row, keep], positions >= rendered[i].n_prompt)
         if bar:
             bar.update(len(idx))
     if bar:
         bar.close()
     lengths = torch.tensor([a.shape[0] for a, _ in per_record])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    return TokenActs(torch.cat([a for a, _ in per_record]), offsets,
+    return TokenActs(_compact(torch.cat([a for a, _ in per_record])), offsets,
                      torch.cat([c for _, c in per_record]), [r.id for r in records])
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _compact(acts: Tensor) -> Tensor:
+    """fp16 where every value fits it, else fp32: Gemma 3's massive activations (a few tokens a
+    thousand, one residual dimension past 65,504) would become inf in fp16, and NaN features after."""
+    return acts.half() if acts.numel() == 0 or float(acts.abs().max()) <= FP16_MAX else acts
