@@ -195,14 +195,17 @@ def test_resume_reuses_what_did_not_change_and_refits_what_did(tiny_lm_dir: Path
 
 def test_train_sae_then_build_in_one_command(tiny_lm_dir: Path, data: Path, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "pack"
-    code, _, err = build(capsys, tiny_lm_dir, data, out, "--train-sae", "--corpus", str(data / "pool.jsonl"),
-                         "--corpus", str(data / "lure.jsonl"), "--hookpoint", "layers.1", "--tokens", "2000",
-                         "--d-sae", "32", "--k", "4", "--ctx", "32", "--batch-size", "256", "--eval-tokens", "500",
-                         "--ce-tokens", "200")
+    args = ["--train-sae", "--corpus", str(data / "pool.jsonl"), "--corpus", str(data / "lure.jsonl"),
+            "--hookpoint", "layers.1", "--tokens", "2000", "--d-sae", "32", "--k", "4", "--ctx", "32",
+            "--batch-size", "256", "--eval-tokens", "500", "--ce-tokens", "200"]
+    code, _, err = build(capsys, tiny_lm_dir, data, out, *args)
     assert code == 0, err
     pack = load_pack(out)
     assert pack.saes["layers.1"].d_sae == 32 and (out / "sae" / "layers.1" / "report.json").is_file()
     assert "featurewatch train-sae on" in (out / "README.md").read_text()
+    code, _, err = build(capsys, tiny_lm_dir, data, out, *args, "--resume")
+    assert code == 0, err
+    assert "the SAE trained by an earlier build with the same options, reused" in err
 
 
 @pytest.mark.usefixtures("no_model")

@@ -205,10 +205,20 @@ def build_pack(req: BuildRequest, *, log: Callable[[str], None], progress: Any =
         from ..training.pipeline import train_sae
 
         t = req.train
-        report = train_sae(corpus=t.corpus, out=req.work / "train-sae", model=req.model, hookpoint=t.hookpoint,
-                           tokens=t.tokens, mix=t.mix, wrap_documents=t.wrap_documents, ctx=t.ctx, cfg=t.config,
-                           progress=progress, eval_tokens=t.eval_tokens, ce_tokens=t.ce_tokens)
         trained_dir = req.work / "train-sae" / "sae" / t.hookpoint
+        train_key = _key([str(c) for c in t.corpus], [c.stat().st_size for c in t.corpus], req.model, t.hookpoint,
+                         t.tokens, t.mix, t.wrap_documents, t.ctx, vars(t.config) if t.config else None,
+                         t.eval_tokens, t.ce_tokens)
+        key_file = req.work / "train-sae" / "build-key.json"
+        if (req.resume and (trained_dir / "report.json").is_file() and key_file.is_file()
+                and json.loads(key_file.read_text("utf-8")).get("key") == train_key):
+            report = json.loads((trained_dir / "report.json").read_text("utf-8"))
+            log(f"      the SAE trained by an earlier build with the same options, reused ({trained_dir})")
+        else:
+            report = train_sae(corpus=t.corpus, out=req.work / "train-sae", model=req.model, hookpoint=t.hookpoint,
+                               tokens=t.tokens, mix=t.mix, wrap_documents=t.wrap_documents, ctx=t.ctx, cfg=t.config,
+                               progress=progress, eval_tokens=t.eval_tokens, ce_tokens=t.ce_tokens)
+            key_file.write_text(json.dumps({"key": train_key}) + "\n")
         saes[t.hookpoint] = SparseAutoencoder.load(trained_dir)
         sae_info[t.hookpoint] = {"source": f"featurewatch train-sae on {', '.join(str(c) for c in t.corpus)}",
                                  "format": "featurewatch (SAELens layout)", "quality": _quality(report),

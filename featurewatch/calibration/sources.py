@@ -162,7 +162,7 @@ def load_rows(prepared: list[tuple[Path, list[dict[str, Any]]]], *, model: Any, 
               sae: Any, hookpoint: str, phases: list[str], max_tokens: int, cache_dir: Path,
               progress: Any = None, log: Any = None) -> Any:
     """Activations of every prepared file (one forward pass each, cached), pooled per phase, as task rows."""
-    from .data import cached_acts, load_labelled
+    from .data import acts_cache_path, cached_acts, load_labelled
     from .loso import Rows, pooled_phases, task_rows
 
     parts = []
@@ -173,7 +173,11 @@ def load_rows(prepared: list[tuple[Path, list[dict[str, Any]]]], *, model: Any, 
             log(f"activations of {path.name} ({len(records)} records)")
         acts = cached_acts(model, tokenizer, data, hookpoint, max_tokens=max_tokens, cache_dir=cache_dir,
                            model_name=model_name, progress=progress)
-        memo = cache_dir / f"pooled-{path.stem}-{max_tokens}-{key}.npz"
+        # keyed by the activations' own cache name (content, model, hookpoint, budget) and the SAE: new
+        # activations or another model never meet an old file's pooled codes
+        acts_key = acts_cache_path(data, hookpoint, max_tokens=max_tokens, cache_dir=cache_dir,
+                                   model_name=model_name).stem
+        memo = cache_dir / f"pooled-{acts_key}-{key}.npz"
         pooled = pooled_phases(acts, sae, cache=memo)
         rows = task_rows(records, pooled, phases)
         if len(rows):
