@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,19 @@ from featurewatch.detector import DetectorSpec, FeatureWeight
 from featurewatch.monitor import Monitor
 from featurewatch.sae import SparseAutoencoder
 from featurewatch.sinks import BaseSink
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the suite as if from a terminal's foreground, however it was launched.
+
+    A shell starts a background job (``cmd &`` in a script, ``nohup … &``) with SIGINT ignored, and an ignored
+    signal stays ignored across exec: every ``featurewatch`` a test starts would then ignore the Ctrl-C the
+    test sends (``run --serve`` never exits; the page exits 0, not 130). A user's Ctrl-C reaches a foreground
+    process, so the suite puts SIGINT back to Python's default here; the processes it starts inherit
+    the default (a handler resets to it on exec) and install their own KeyboardInterrupt as usual.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -343,3 +343,26 @@ def test_build_pack_runs_on_other_architectures(family: str, data: Path, tmp_pat
         assert "lure" in monitor.generate("Send your password now.", max_new_tokens=2).scores
     finally:
         monitor.detach()
+
+
+def test_labels_for_this_sae_are_applied_and_json_is_the_build_report(tiny_lm_dir: Path, data: Path,
+                                                                       tmp_path: Path, capsys: Any) -> None:
+    from featurewatch.calibration.sources import sae_fingerprint
+
+    sae_dir = write_saelens(tmp_path / "sae")
+    sae = SparseAutoencoder.load(sae_dir)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"sae": sae_fingerprint(sae), "labels": {str(i): f"label {i}"
+                                                                          for i in range(D_SAE)}}))
+    out = tmp_path / "pack"
+    code, stdout, err = build(capsys, tiny_lm_dir, data, out, "--sae", str(sae_dir), "--labels", str(labels),
+                              "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["pack"] == str(out) and report["labels"] == D_SAE and set(report["reports"]) == {"lure"}
+    spec = load_pack(out).detectors["lure"]
+    assert all(f.label == f"label {f.id}" for f in spec.features)  # the readout's features carry their labels
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"sae": "16x32-000000000000", "labels": {"1": "x"}}))
+    code, _, err = build(capsys, tiny_lm_dir, data, tmp_path / "pack2", "--sae", str(sae_dir), "--labels", str(other))
+    assert code == 2 and "feature ids mean other features in another SAE" in err

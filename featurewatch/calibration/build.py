@@ -130,9 +130,13 @@ def read_labels(path: Path, sae: Any) -> dict[int, str]:
     if key not in label_keys(sae):
         raise ConfigError(f"--labels {path}: written for SAE {key}; this SAE is {sorted(label_keys(sae))[0]} — "
                           "feature ids mean other features in another SAE; drop --labels or give that SAE")
-    bad = [i for i in labels if not 0 <= i < sae.d_sae]
-    if bad:
-        raise ConfigError(f"--labels {path}: feature ids {bad[:5]} are outside 0 … {sae.d_sae - 1}")
+    from ..errors import FeatureOutOfRange
+    from ..sae import check_feature_ids
+
+    try:
+        check_feature_ids(sae, labels, what="labelled feature")
+    except FeatureOutOfRange as exc:
+        raise ConfigError(f"--labels {path}: {exc}") from None
     return labels
 
 
