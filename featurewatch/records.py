@@ -159,18 +159,20 @@ def json_lines(lines: Iterable[bytes | str], parse: Callable[[Any, int], T], *, 
 _BLANK = object()
 
 
-class _BadNumber(ValueError):
-    pass
+class BadNumber(ValueError):
+    """A JSON number featurewatch refuses: ``NaN``/``Infinity``, or a float beyond a finite double."""
 
 
-def _no_constant(name: str) -> Any:
-    raise _BadNumber(f"{name} is not a number JSON allows")
+def reject_constant(name: str) -> Any:
+    """``json.loads(parse_constant=…)``: ``NaN``, ``Infinity`` and ``-Infinity`` are refused."""
+    raise BadNumber(f"{name} is not a number JSON allows")
 
 
-def _finite_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """``json.loads(parse_float=…)``: a float that overflows a double (``1e309``) is refused, not made inf."""
     value = float(text)
     if not math.isfinite(value):
-        raise _BadNumber(f"the number {text[:40]} is out of range (not a finite double)")
+        raise BadNumber(f"the number {text[:40]} is out of range (not a finite double)")
     return value
 
 
@@ -188,9 +190,9 @@ def _json_line(raw: bytes | str, n: int, path: str, strict: bool) -> Any:
         return _BLANK
     try:
         if strict:
-            return json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+            return json.loads(line, parse_constant=reject_constant, parse_float=finite_float)
         return json.loads(line)
-    except _BadNumber as exc:
+    except BadNumber as exc:
         raise RecordError(f"a bad number: {exc}; JSON lines take finite numbers", path=path, line=n) from None
     except json.JSONDecodeError as exc:
         raise RecordError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=n) from None

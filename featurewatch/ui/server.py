@@ -60,6 +60,7 @@ from pydantic import ValidationError
 from ..alert import finite
 from ..errors import ConfigError, FeatureWatchError, GenerationBlocked, PortInUse, RecordError
 from ..models import normalize_hookpoint
+from ..records import BadNumber, finite_float, reject_constant
 from ..sinks import BaseSink
 
 EXTRA_HINT = "pip install 'featurewatch[ui]'"
@@ -137,24 +138,9 @@ def static_file(name: str) -> bytes | None:
 
 
 # --------------------------------------------------------------------------- JSON in and out
-class _BadNumber(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadNumber(f"{name} is not a number JSON allows; send a finite number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _BadNumber(f"the number {text[:40]} is out of range (not a finite double); send a finite number")
-    return value
-
-
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _BadNumber(f"the integer {text[:20]}… has more than {MAX_INT_DIGITS} digits")
+        raise BadNumber(f"the integer {text[:20]}… has more than {MAX_INT_DIGITS} digits")
     return int(text)
 
 
@@ -196,11 +182,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise bad_request(f"the request is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        body = json.loads(text, parse_constant=reject_constant, parse_float=finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise bad_request(f"the request is nested too deeply (at most {MAX_DEPTH} levels)") from None
-    except _BadNumber as exc:
-        raise bad_request(f"the request has a bad number: {exc}") from None
+    except BadNumber as exc:
+        raise bad_request(f"the request has a bad number: {exc}; send a finite number") from None
     except ValueError as exc:  # JSONDecodeError and int() limits
         raise bad_request(f"the request is not valid JSON ({exc})") from None
     check_json_value(body)
