@@ -5,7 +5,6 @@ The proof of issue 26 §5a: run it beside a busy loop on every core; each run ap
 that has not exited 20 s after SIGINT is aborted (SIGABRT, faulthandler's stacks next to the times file).
 """
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import serving_port
 
 ROOT = Path(__file__).resolve().parent.parent
 N = int(os.environ.get("FW_LOOP", "20"))
@@ -27,14 +28,7 @@ def test_ctrl_c_loop(i: int, tiny_lm_dir: Path, tiny_lm_pack: Path) -> None:
             "--metrics-port", "0", "--serve"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
         try:
-            lines = []
-            for line in proc.stderr:
-                lines.append(line)
-                if "Ctrl-C to stop" in line:
-                    break
-            else:
-                pytest.fail(f"run exited ({proc.wait()}) before serving: {''.join(lines)}")
-            port = int(re.search(r"\(port (\d+)\)", lines[-1]).group(1))
+            port = serving_port(proc)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
                 response.read()
             proc.stdout.readline()

@@ -352,6 +352,21 @@ class RecordingSink(BaseSink):
         self.results.append(result)
 
 
+def serving_port(proc: Any) -> int:
+    """The port a ``featurewatch run --serve`` child serves metrics on, read from its stderr once it says it
+    serves (the test fails with what it printed if it exits first)."""
+    import re
+
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "Ctrl-C to stop" in line:
+            break
+    else:
+        pytest.fail(f"run exited ({proc.wait()}) before serving: {''.join(lines)}")
+    return int(re.search(r"\(port (\d+)\)", lines[-1]).group(1))  # type: ignore[union-attr]
+
+
 def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """``featurewatch ARGV`` in-process: (exit code, stdout, stderr); a traceback is a failure."""
     from featurewatch.cli import main

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from conftest import serving_port
 from featurewatch import models
 from featurewatch.cli import main
 
@@ -264,14 +265,7 @@ def test_run_serves_metrics_that_can_be_scraped_and_stops_on_ctrl_c(tiny_lm_dir:
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
         try:
             assert proc.stderr is not None and proc.stdout is not None
-            lines = []
-            for line in proc.stderr:
-                lines.append(line)
-                if "Ctrl-C to stop" in line:
-                    break
-            else:
-                pytest.fail(f"run exited ({proc.wait()}) before serving: {''.join(lines)}")
-            port = int(re.search(r"\(port (\d+)\)", lines[-1]).group(1))  # type: ignore[union-attr]
+            port = serving_port(proc)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
                 body = response.read().decode()
             model = tiny_lm_dir.name
