@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 pytestmark = pytest.mark.slow
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 
 
 def run(script: str, *args: str) -> Any:
@@ -114,3 +115,22 @@ def test_layers_fits_the_probe_leaving_one_source_out(tiny_lm_dir: Path, multi_d
     cells = {(c["cell"], c["layer"]) for c in out["cells"]}
     assert {("prompt: all sources", 0), ("prompt: worst source", 1)} <= cells
     assert all(c["auroc"] is None or 0.0 <= c["auroc"] <= 1.0 for c in out["cells"])
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "dev" / "multi").is_dir(), reason="needs ../shared/data")
+def test_loso_compare_puts_two_packs_side_by_side_per_left_out_source(tmp_path: Path) -> None:
+    import shutil
+
+    pack = ROOT / "detectors" / "smollm2-135m-instruct"
+    old = tmp_path / "old"
+    shutil.copytree(pack, old)
+    spec = json.loads((old / "sycophancy.json").read_text())
+    group = next(g for g in spec["calibration"]["out_of_source"]["groups"] if g["group"] == "wikidata_suggest")
+    group["auroc"] = 0.5
+    (old / "sycophancy.json").write_text(json.dumps(spec))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loso_compare.py"), "--old", str(old)],
+                         capture_output=True, text=True, check=True).stdout
+    scam, syc = out.split("**scam-email**")[1].split("**dangerous-content**")[0], out.split("**sycophancy**")[1]
+    assert "every per-source figure identical" in scam and "identical" not in syc.splitlines()[0]
+    assert "| wikidata_suggest | 40 | 80 | 0.500 → " in syc
+    assert "| nazario |" in scam and "phishing_pot" not in scam  # dev/multi sources only
